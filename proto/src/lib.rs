@@ -1,0 +1,8 @@
+//! The gRPC contract between workers and host agents (`proto/hostagent.proto`).
+
+/// Generated types and the `HostAgent` client and server.
+pub mod hostagent {
+    tonic::include_proto!("hangar.hostagent.v1");
+}
+
+pub use hostagent::*;
