@@ -124,7 +124,14 @@ mod tests {
     fn rejects_the_wrong_prefix_and_malformed_hex() {
         let op = OperationId::new().to_string();
         assert!(op.parse::<CapsuleId>().is_err());
-        for bad in ["", "cap_", "cap_123", "cap-0190f5a0c0de7000800000000000000a", "cap_0190F5A0C0DE7000800000000000000A", "cap_0190f5a0c0de7000800000000000000g"] {
+        for bad in [
+            "",
+            "cap_",
+            "cap_123",
+            "cap-0190f5a0c0de7000800000000000000a",
+            "cap_0190F5A0C0DE7000800000000000000A",
+            "cap_0190f5a0c0de7000800000000000000g",
+        ] {
             assert!(bad.parse::<CapsuleId>().is_err(), "{bad} parsed");
         }
     }

@@ -13,7 +13,11 @@ pub struct MintedKey {
 /// Mints an API key `hk_<8 hex>_<32 hex>`; the first part is its display prefix.
 pub fn mint_api_key() -> MintedKey {
     let secret = format!("hk_{}_{}", random_hex(4), random_hex(16));
-    MintedKey { prefix: display_prefix(&secret), hash: hash_secret(&secret), secret }
+    MintedKey {
+        prefix: display_prefix(&secret),
+        hash: hash_secret(&secret),
+        secret,
+    }
 }
 
 /// The part of a key that is safe to show (`hk_1a2b3c4d`).

@@ -4,6 +4,7 @@
 
 pub mod enqueue;
 pub mod ids;
+pub mod intents;
 pub mod keys;
 pub mod queue;
 pub mod state;

@@ -42,7 +42,16 @@ impl JobQueue {
     pub async fn connect(url: &str, prefix: &str) -> RedisResult<Self> {
         let client = Client::open(url)?;
         let conn = client.get_multiplexed_async_connection().await?;
-        Ok(Self { client, conn, prefix: prefix.to_owned() })
+        Ok(Self {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The namespace of every Redis key Hangar uses (tests use one each).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn stream_key(&self, kind: OperationKind) -> String {
@@ -78,7 +87,11 @@ impl JobQueue {
     pub async fn push(&self, kind: OperationKind, operation_id: OperationId) -> RedisResult<()> {
         let mut conn = self.conn.clone();
         let _: String = conn
-            .xadd(self.stream_key(kind), "*", &[(OP_FIELD, operation_id.to_string())])
+            .xadd(
+                self.stream_key(kind),
+                "*",
+                &[(OP_FIELD, operation_id.to_string())],
+            )
             .await?;
         Ok(())
     }
@@ -90,8 +103,20 @@ impl JobQueue {
         }
         let mut pipe = redis::pipe();
         for (kind, id) in jobs {
-            pipe.xadd(self.stream_key(*kind), "*", &[(OP_FIELD, id.to_string())]).ignore();
+            pipe.xadd(self.stream_key(*kind), "*", &[(OP_FIELD, id.to_string())])
+                .ignore();
         }
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await
+    }
+
+    /// Acknowledges and deletes an entry: its job is settled in Postgres. Goes over the
+    /// shared connection, since the consumer's own may be parked in a blocking read.
+    pub async fn ack(&self, kind: OperationKind, entry_id: &str) -> RedisResult<()> {
+        let key = self.stream_key(kind);
+        let mut pipe = redis::pipe();
+        pipe.xack(&key, GROUP, &[entry_id]).ignore();
+        pipe.xdel(&key, &[entry_id]).ignore();
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await
     }
@@ -111,9 +136,12 @@ impl JobQueue {
         consumer_name: &str,
         block: Duration,
     ) -> RedisResult<Consumer> {
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(block + Duration::from_secs(5)));
-        let conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+        let config =
+            AsyncConnectionConfig::new().set_response_timeout(Some(block + Duration::from_secs(5)));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         Ok(Consumer {
             conn,
             kind,
@@ -140,8 +168,10 @@ impl Consumer {
             .group(GROUP, &self.name)
             .count(count)
             .block(self.block.as_millis() as usize);
-        let reply: Option<StreamReadReply> =
-            self.conn.xread_options(&[&self.key], &[">"], &options).await?;
+        let reply: Option<StreamReadReply> = self
+            .conn
+            .xread_options(&[&self.key], &[">"], &options)
+            .await?;
         Ok(reply
             .into_iter()
             .flat_map(|r| r.keys)
@@ -152,7 +182,11 @@ impl Consumer {
 
     /// Takes over entries other consumers have held for longer than `min_idle` (their
     /// worker died or hangs); each comes back as a fresh delivery to this consumer.
-    pub async fn reclaim(&mut self, min_idle: Duration, count: usize) -> RedisResult<Vec<Delivery>> {
+    pub async fn reclaim(
+        &mut self,
+        min_idle: Duration,
+        count: usize,
+    ) -> RedisResult<Vec<Delivery>> {
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(&self.key)
             .arg(GROUP)
@@ -168,14 +202,6 @@ impl Consumer {
             .into_iter()
             .map(|entry| self.delivery(entry.id.clone(), entry.get::<String>(OP_FIELD)))
             .collect())
-    }
-
-    /// Acknowledges and deletes an entry: its job is settled in Postgres.
-    pub async fn ack(&mut self, entry_id: &str) -> RedisResult<()> {
-        let mut pipe = redis::pipe();
-        pipe.xack(&self.key, GROUP, &[entry_id]).ignore();
-        pipe.xdel(&self.key, &[entry_id]).ignore();
-        pipe.query_async(&mut self.conn).await
     }
 
     fn delivery(&self, entry_id: String, op: Option<String>) -> Delivery {

@@ -198,7 +198,14 @@ impl OperationKind {
             // Destroy is accepted in any non-terminal status and waits for the in-flight
             // operation, if any, to finish first.
             OperationKind::Destroy => &[
-                Starting, Running, Pausing, Paused, Resuming, Snapshotting, Stopping, Error,
+                Starting,
+                Running,
+                Pausing,
+                Paused,
+                Resuming,
+                Snapshotting,
+                Stopping,
+                Error,
                 Unknown,
             ],
             OperationKind::Create | OperationKind::HostEvent => &[],
@@ -264,7 +271,11 @@ mod tests {
 
     #[test]
     fn every_transient_status_has_a_way_to_error() {
-        for status in CapsuleStatus::ALL.iter().copied().filter(|s| s.is_transient()) {
+        for status in CapsuleStatus::ALL
+            .iter()
+            .copied()
+            .filter(|s| s.is_transient())
+        {
             assert!(status.can_become(Error), "{status} cannot fail");
         }
     }

@@ -96,10 +96,18 @@ pub async fn list(conn: &mut PgConnection) -> StoreResult<Vec<Host>> {
     Ok(hosts)
 }
 
-pub async fn set_cordoned(conn: &mut PgConnection, id: HostId, cordoned: bool) -> StoreResult<bool> {
-    let done = sqlx::query!("update hosts set cordoned = $2 where id = $1", id.0, cordoned)
-        .execute(conn)
-        .await?;
+pub async fn set_cordoned(
+    conn: &mut PgConnection,
+    id: HostId,
+    cordoned: bool,
+) -> StoreResult<bool> {
+    let done = sqlx::query!(
+        "update hosts set cordoned = $2 where id = $1",
+        id.0,
+        cordoned
+    )
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -186,4 +194,15 @@ pub async fn record_host_event(
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The host whose token hashes to `hash`, if any.
+pub async fn by_token_hash(conn: &mut PgConnection, hash: &[u8]) -> StoreResult<Option<HostId>> {
+    let id = sqlx::query_scalar!(
+        r#"select id as "id: HostId" from hosts where token_hash = $1"#,
+        hash
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(id)
 }

@@ -27,7 +27,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     /// A transition the state machine does not allow was attempted.
     #[error("capsule cannot go from {from} to {to}")]
-    TransitionNotAllowed { from: CapsuleStatus, to: CapsuleStatus },
+    TransitionNotAllowed {
+        from: CapsuleStatus,
+        to: CapsuleStatus,
+    },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

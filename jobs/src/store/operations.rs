@@ -143,9 +143,12 @@ pub async fn destroy_in_flight(
 
 /// Records that these operations' jobs are on Redis.
 pub async fn mark_pushed(conn: &mut PgConnection, ids: &[uuid::Uuid]) -> StoreResult<()> {
-    sqlx::query!("update operations set pushed_at = now() where id = any($1)", ids)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "update operations set pushed_at = now() where id = any($1)",
+        ids
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -288,7 +291,7 @@ pub async fn needing_push(
     unpushed_after_secs: f64,
     stale_after_secs: f64,
     limit: i64,
-) -> StoreResult<Vec<(OperationId, OperationKind)>> {
+) -> StoreResult<Vec<(OperationKind, OperationId)>> {
     let rows = sqlx::query!(
         r#"select id as "id: OperationId", kind as "kind: OperationKind" from operations
            where status in ('queued', 'running', 'retrying')
@@ -305,7 +308,7 @@ pub async fn needing_push(
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.kind)).collect())
+    Ok(rows.into_iter().map(|r| (r.kind, r.id)).collect())
 }
 
 /// Operations per status, for metrics and the dashboard.
@@ -319,5 +322,8 @@ pub async fn count_by_status(
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.kind, r.status, r.count)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.kind, r.status, r.count))
+        .collect())
 }

@@ -102,7 +102,10 @@ pub async fn template_for_team(
     Ok(template)
 }
 
-pub async fn get_template(conn: &mut PgConnection, id: TemplateId) -> StoreResult<Option<Template>> {
+pub async fn get_template(
+    conn: &mut PgConnection,
+    id: TemplateId,
+) -> StoreResult<Option<Template>> {
     let template = sqlx::query_as!(
         Template,
         r#"select id as "id: TemplateId", team_id as "team_id: TeamId", name, status, image,

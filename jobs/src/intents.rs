@@ -1,0 +1,237 @@
+//! Accepting a request: the first half of the enqueue path. Each function runs inside the
+//! caller's transaction and writes the capsule's conditional transition, the operation row
+//! (the intent and job handle) and an event. After commit the caller pushes the job
+//! (`enqueue::push_committed`).
+
+use serde_json::json;
+
+use crate::ids::{CapsuleId, OperationId, TeamId};
+use crate::state::{CapsuleStatus, OperationKind};
+use crate::store::capsules::{self, NewCapsule};
+use crate::store::operations::{self, NewOperation};
+use crate::store::records::{self, NewEvent};
+use crate::store::{Capsule, Operation, PgConnection, StoreError, Template};
+
+/// Why a request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IntentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("capsule is {status}; {kind} is not possible from there")]
+    InvalidState {
+        status: CapsuleStatus,
+        kind: OperationKind,
+    },
+    #[error("operation {operation} is already in progress on this capsule")]
+    InProgress { operation: OperationId },
+}
+
+impl From<sqlx::Error> for IntentError {
+    fn from(e: sqlx::Error) -> Self {
+        IntentError::Store(StoreError::Database(e))
+    }
+}
+
+/// An accepted request: the job handle and the capsule as it now is.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub operation: Operation,
+    pub capsule: Capsule,
+    /// False when an identical request was already in flight and its handle is returned.
+    pub is_new: bool,
+}
+
+pub struct CreateCapsule {
+    pub team_id: TeamId,
+    pub template: Template,
+    pub vcpus: i32,
+    pub memory_mb: i32,
+    pub timeout_sec: i32,
+    pub metadata: serde_json::Value,
+    pub max_attempts: i32,
+}
+
+/// A new capsule in `starting` and its create operation.
+pub async fn create_capsule(
+    conn: &mut PgConnection,
+    req: CreateCapsule,
+) -> Result<Accepted, IntentError> {
+    let capsule = capsules::insert(
+        conn,
+        NewCapsule {
+            id: CapsuleId::new(),
+            team_id: req.team_id,
+            template_id: req.template.id,
+            vcpus: req.vcpus,
+            memory_mb: req.memory_mb,
+            timeout_sec: req.timeout_sec,
+            metadata: req.metadata,
+        },
+    )
+    .await?;
+    let operation = insert_operation(
+        conn,
+        &capsule,
+        OperationKind::Create,
+        req.max_attempts,
+        json!({ "template": req.template.name }),
+    )
+    .await?;
+    event(conn, &capsule, &operation, None, "capsule create requested").await?;
+    Ok(Accepted {
+        operation,
+        capsule,
+        is_new: true,
+    })
+}
+
+/// Pause, resume, snapshot or destroy of an existing capsule.
+pub async fn capsule_operation(
+    conn: &mut PgConnection,
+    capsule: Capsule,
+    kind: OperationKind,
+    params: serde_json::Value,
+    max_attempts: i32,
+) -> Result<Accepted, IntentError> {
+    let status = capsule.status;
+    if !kind.accepted_from().contains(&status) {
+        return Err(IntentError::InvalidState { status, kind });
+    }
+    let in_flight = operations::in_flight(conn, capsule.id).await?;
+    if kind == OperationKind::Destroy {
+        return destroy(conn, capsule, in_flight.is_some(), max_attempts).await;
+    }
+    if let Some(op) = in_flight {
+        return Err(IntentError::InProgress { operation: op.id });
+    }
+    let to = kind
+        .start_status()
+        .expect("lifecycle kinds move the capsule");
+    let moved = capsules::transition(conn, capsule.id, status, capsule.generation, to, None)
+        .await?
+        .ok_or(IntentError::InvalidState { status, kind })?;
+    let operation = insert_operation(conn, &moved, kind, max_attempts, params).await?;
+    event(
+        conn,
+        &moved,
+        &operation,
+        Some(status),
+        &format!("{kind} requested"),
+    )
+    .await?;
+    Ok(Accepted {
+        operation,
+        capsule: moved,
+        is_new: true,
+    })
+}
+
+/// Destroy is accepted in any non-terminal status. With an operation in flight it waits
+/// (the capsule moves to `stopping` when the destroy job runs); otherwise the capsule moves
+/// to `stopping` now. A second destroy returns the first one's handle.
+async fn destroy(
+    conn: &mut PgConnection,
+    capsule: Capsule,
+    waits: bool,
+    max_attempts: i32,
+) -> Result<Accepted, IntentError> {
+    if let Some(existing) = operations::destroy_in_flight(conn, capsule.id).await? {
+        let operation =
+            operations::get(conn, None, existing)
+                .await?
+                .ok_or(IntentError::InProgress {
+                    operation: existing,
+                })?;
+        return Ok(Accepted {
+            operation,
+            capsule,
+            is_new: false,
+        });
+    }
+    let from = capsule.status;
+    let capsule = if !waits && from.can_become(CapsuleStatus::Stopping) {
+        capsules::transition(
+            conn,
+            capsule.id,
+            from,
+            capsule.generation,
+            CapsuleStatus::Stopping,
+            None,
+        )
+        .await?
+        .ok_or(IntentError::InvalidState {
+            status: from,
+            kind: OperationKind::Destroy,
+        })?
+    } else {
+        capsule
+    };
+    let operation = insert_operation(
+        conn,
+        &capsule,
+        OperationKind::Destroy,
+        max_attempts,
+        json!({}),
+    )
+    .await?;
+    event(conn, &capsule, &operation, Some(from), "destroy requested").await?;
+    Ok(Accepted {
+        operation,
+        capsule,
+        is_new: true,
+    })
+}
+
+/// A host's report about a capsule (crashed, exited, auto-paused), applied by a job.
+pub async fn host_report(
+    conn: &mut PgConnection,
+    capsule: &Capsule,
+    params: serde_json::Value,
+) -> Result<Operation, IntentError> {
+    Ok(insert_operation(conn, capsule, OperationKind::HostEvent, 1, params).await?)
+}
+
+async fn insert_operation(
+    conn: &mut PgConnection,
+    capsule: &Capsule,
+    kind: OperationKind,
+    max_attempts: i32,
+    params: serde_json::Value,
+) -> Result<Operation, StoreError> {
+    operations::insert(
+        conn,
+        NewOperation {
+            id: OperationId::new(),
+            team_id: capsule.team_id,
+            capsule_id: Some(capsule.id),
+            kind,
+            generation: capsule.generation,
+            max_attempts,
+            params,
+        },
+    )
+    .await
+}
+
+async fn event(
+    conn: &mut PgConnection,
+    capsule: &Capsule,
+    op: &Operation,
+    from: Option<CapsuleStatus>,
+    message: &str,
+) -> Result<(), StoreError> {
+    records::insert_event(
+        conn,
+        NewEvent {
+            team_id: capsule.team_id,
+            capsule_id: Some(capsule.id),
+            operation_id: Some(op.id),
+            kind: "operation_accepted",
+            from,
+            to: Some(capsule.status),
+            message: Some(message),
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! `create`: place the capsule on a host (reserving room atomically), create its sandbox
+//! on that host's agent, and mark it running.
+
+use hangar_jobs::store::{self, Capsule, Operation, capsules, tenancy};
+use hangar_jobs::{CapsuleStatus, HostId};
+use hangar_proto::CreateSandboxRequest;
+use serde_json::json;
+
+use super::{JobError, JobResult, agent_for, capsule_at, complete};
+use crate::context::JobContext;
+
+pub async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
+    let capsule = capsule_at(ctx, op, CapsuleStatus::Starting).await?;
+    let template = {
+        let mut conn = ctx.pool.acquire().await?;
+        tenancy::get_template(&mut conn, capsule.template_id)
+            .await?
+            .ok_or_else(|| JobError::Permanent {
+                code: "unknown_template",
+                message: "template no longer exists".into(),
+            })?
+    };
+    let capsule = place(ctx, capsule, template.snapshot_host_id).await?;
+    let (host, mut agent) = agent_for(ctx, &capsule).await?;
+    let request = CreateSandboxRequest {
+        sandbox_id: capsule.id.to_string(),
+        vcpus: capsule.vcpus as u32,
+        memory_mb: capsule.memory_mb as u32,
+        image: template.image.clone().unwrap_or_default(),
+        snapshot_id: if template.snapshot_host_id.is_some() {
+            template.id.to_string()
+        } else {
+            String::new()
+        },
+        generation: capsule.generation as u64,
+    };
+    agent
+        .create_sandbox(request)
+        .await
+        .map_err(crate::agents::AgentError::from)?;
+    let result = json!({ "host_id": host.id, "host": host.name });
+    complete(
+        ctx,
+        op,
+        &capsule,
+        CapsuleStatus::Running,
+        result,
+        "capsule running",
+    )
+    .await
+}
+
+/// Reserves room on a host and records it on the capsule, once: a retried create reuses
+/// the host a previous attempt reserved.
+async fn place(
+    ctx: &JobContext,
+    capsule: Capsule,
+    only: Option<HostId>,
+) -> Result<Capsule, JobError> {
+    if capsule.host_id.is_some() {
+        return Ok(capsule);
+    }
+    let mut tx = ctx.pool.begin().await?;
+    let Some(host) = store::hosts::reserve(&mut tx, capsule.vcpus, capsule.memory_mb, only).await?
+    else {
+        return Err(JobError::Permanent {
+            code: "capacity_unavailable",
+            message: format!(
+                "no healthy host has room for {} vCPUs and {} MiB",
+                capsule.vcpus, capsule.memory_mb
+            ),
+        });
+    };
+    if !capsules::assign_host(&mut tx, capsule.id, host).await? {
+        return Err(JobError::Stale("capsule was placed concurrently".into()));
+    }
+    tx.commit().await?;
+    Ok(Capsule {
+        host_id: Some(host),
+        ..capsule
+    })
+}

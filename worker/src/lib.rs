@@ -1,0 +1,139 @@
+//! Hangar's workers: a consumer per job kind, the agent client pool, placement, and the
+//! reconciler. Run as many worker processes as you like, each with a unique name.
+
+pub mod agents;
+mod context;
+mod jobs;
+pub mod reconciler;
+mod runner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_jobs::OperationKind;
+use hangar_jobs::queue::JobQueue;
+use hangar_jobs::store::PgPool;
+use tokio::sync::watch;
+use tracing::info;
+
+pub use context::JobContext;
+
+/// Worker settings (flags and `HANGAR_*` environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    /// Unique name of this worker process (the lease owner of its operations).
+    /// Default: `<hostname>-<pid>-<random>`.
+    #[arg(long = "worker-name", env = "HANGAR_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Jobs run at once per job kind.
+    #[arg(long, env = "HANGAR_WORKER_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Attempts per operation before it fails (transient agent errors are retried).
+    #[arg(long, env = "HANGAR_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i32,
+    /// How long a claimed operation is held before another worker may take it over.
+    #[arg(long, env = "HANGAR_LEASE_SECS", default_value_t = 30.0)]
+    pub lease_secs: f64,
+    /// First retry delay; doubles per attempt, with jitter.
+    #[arg(long, env = "HANGAR_RETRY_BASE_MS", default_value_t = 200)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    #[arg(long, env = "HANGAR_RETRY_CAP_MS", default_value_t = 5_000)]
+    pub retry_cap_ms: u64,
+    /// Timeout of one call to a host agent.
+    #[arg(long, env = "HANGAR_AGENT_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub agent_timeout_secs: f64,
+    /// Reconciler tick interval (one tick cluster-wide per interval).
+    #[arg(long, env = "HANGAR_RECONCILE_INTERVAL_MS", default_value_t = 2_000)]
+    pub reconcile_interval_ms: u64,
+    /// A host silent this long is marked unreachable and its capsules unknown.
+    #[arg(long, env = "HANGAR_HOST_SILENT_SECS", default_value_t = 15.0)]
+    pub host_silent_secs: f64,
+    /// A VM no capsule owns is destroyed once it is this old.
+    #[arg(long, env = "HANGAR_ORPHAN_GRACE_SECS", default_value_t = 30.0)]
+    pub orphan_grace_secs: f64,
+    /// A settled capsule whose VM is missing this long goes to `error`.
+    #[arg(long, env = "HANGAR_MISSING_GRACE_SECS", default_value_t = 10.0)]
+    pub missing_grace_secs: f64,
+    /// A queued job not claimed this long after its push is pushed again.
+    #[arg(long, env = "HANGAR_REPUSH_AFTER_SECS", default_value_t = 60.0)]
+    pub repush_after_secs: f64,
+    /// How long shutdown waits for running jobs.
+    #[arg(long, env = "HANGAR_SHUTDOWN_GRACE_SECS", default_value_t = 30.0)]
+    pub shutdown_grace_secs: f64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: WorkerConfig,
+        }
+        Defaults::parse_from(["worker"]).config
+    }
+}
+
+impl WorkerConfig {
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_secs)
+    }
+    pub fn retry_base(&self) -> Duration {
+        Duration::from_millis(self.retry_base_ms)
+    }
+    pub fn retry_cap(&self) -> Duration {
+        Duration::from_millis(self.retry_cap_ms)
+    }
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms.max(10))
+    }
+    pub fn orphan_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.orphan_grace_secs)
+    }
+    pub fn missing_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.missing_grace_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+}
+
+/// A unique default worker name: two processes never share one, even across restarts.
+fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+    format!(
+        "{}-{}-{}",
+        host.trim(),
+        std::process::id(),
+        hangar_jobs::keys::random_hex(3)
+    )
+}
+
+/// Builds the shared context of one worker process.
+pub fn context(pool: PgPool, queue: JobQueue, config: WorkerConfig) -> JobContext {
+    let worker = config.name.clone().unwrap_or_else(default_worker_name);
+    let agents = agents::AgentPool::new(Duration::from_secs_f64(config.agent_timeout_secs));
+    JobContext {
+        pool,
+        queue,
+        agents,
+        worker,
+        config: Arc::new(config),
+    }
+}
+
+/// Runs a consumer per job kind and the reconciler until `stop` flips to true; then lets
+/// running jobs finish (up to the shutdown grace) and returns.
+pub async fn run(ctx: JobContext, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    ctx.queue.ensure_groups().await?;
+    info!(worker = %ctx.worker, concurrency = ctx.config.concurrency, "worker started");
+    let mut tasks = tokio::task::JoinSet::new();
+    for kind in OperationKind::ALL.iter().copied() {
+        tasks.spawn(runner::consume(ctx.clone(), kind, stop.clone()));
+    }
+    tasks.spawn(reconciler::run(ctx.clone(), stop.clone()));
+    while tasks.join_next().await.is_some() {}
+    info!(worker = %ctx.worker, "worker stopped");
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The consumer loops: one per job kind, each reading its Redis stream through the shared
+//! consumer group and running up to `concurrency` jobs at once.
+//!
+//! For each delivery the runner claims the operation in Postgres (a conditional update with
+//! a lease), runs attempts with exponential backoff and jitter while they are transient and
+//! the operation has attempts left, and acknowledges the entry once the operation is settled.
+//! A delivery whose operation is terminal or held by a live lease elsewhere is acked and
+//! dropped: duplicates are harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use hangar_jobs::OperationKind;
+use hangar_jobs::queue::Delivery;
+use hangar_jobs::store::{Operation, operations};
+use tokio::sync::{Semaphore, watch};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::context::JobContext;
+use crate::jobs::{self, JobError};
+
+/// Reads `kind`'s stream until `stop` flips, then waits for the jobs it started.
+pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Receiver<bool>) {
+    let concurrency = ctx.config.concurrency;
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut consumer = loop {
+        match ctx
+            .queue
+            .consumer(kind, &ctx.worker, Duration::from_secs(2))
+            .await
+        {
+            Ok(c) => break c,
+            Err(error) => {
+                warn!(%error, %kind, "cannot open the job stream; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    };
+    let reclaim_every = ctx.config.lease();
+    let mut last_reclaim = tokio::time::Instant::now();
+    while !*stop.borrow() {
+        // Only read as many entries as there are free slots, so unread work stays on the
+        // stream for other workers.
+        let free = slots.available_permits();
+        if free == 0 {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p,
+                _ = stop.changed() => break,
+            };
+            drop(permit);
+            continue;
+        }
+        let batch = if last_reclaim.elapsed() >= reclaim_every {
+            last_reclaim = tokio::time::Instant::now();
+            consumer.reclaim(ctx.config.lease() * 2, free).await
+        } else {
+            tokio::select! {
+                b = consumer.next_batch(free) => b,
+                _ = stop.changed() => break,
+            }
+        };
+        let deliveries = match batch {
+            Ok(d) => d,
+            Err(error) => {
+                warn!(%error, %kind, "reading the job stream failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        for delivery in deliveries {
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                run_delivery(&ctx, &delivery).await;
+                if let Err(error) = ctx.queue.ack(kind, &delivery.entry_id).await {
+                    // The entry will be reclaimed and found settled: harmless.
+                    warn!(%error, "ack failed");
+                }
+                drop(permit);
+            });
+        }
+    }
+    // Shutdown: wait for running jobs to settle (they hold leases; nothing is lost if we
+    // are killed instead — the lease expires and the reconciler pushes them again).
+    let _ = tokio::time::timeout(
+        ctx.config.shutdown_grace(),
+        slots.acquire_many(concurrency as u32),
+    )
+    .await;
+    info!(%kind, "consumer stopped");
+}
+
+/// Settles one delivery: claim, attempt, back off, retry, finish.
+pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) {
+    let Some(op_id) = delivery.operation_id else {
+        warn!(entry = %delivery.entry_id, "dropping a malformed job entry");
+        return;
+    };
+    let span = info_span!("job", kind = %delivery.kind, operation_id = %op_id, attempt = tracing::field::Empty);
+    async move {
+        loop {
+            let op = match claim(ctx, op_id).await {
+                Ok(Some(op)) => op,
+                Ok(None) => return, // terminal, or another worker holds it
+                Err(error) => {
+                    warn!(%error, "claim failed; the job stays pending and will be redelivered");
+                    return;
+                }
+            };
+            tracing::Span::current().record("attempt", op.attempts);
+            match jobs::execute(ctx, &op).await {
+                Ok(()) => return,
+                Err(error) => {
+                    if !handle_failure(ctx, &op, error).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn claim(
+    ctx: &JobContext,
+    op_id: hangar_jobs::OperationId,
+) -> Result<Option<Operation>, hangar_jobs::store::StoreError> {
+    let mut conn = ctx.pool.acquire().await?;
+    operations::claim(
+        &mut conn,
+        op_id,
+        &ctx.worker,
+        ctx.config.lease().as_secs_f64(),
+    )
+    .await
+}
+
+/// Applies the retry policy to a failed attempt. Returns true to attempt again.
+async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bool {
+    let settled = match &error {
+        JobError::Transient(message) if op.attempts < op.max_attempts => {
+            let delay = backoff_delay(ctx, op.attempts);
+            warn!(attempt = op.attempts, max = op.max_attempts, ?delay, %message, "transient failure; retrying");
+            let hold = (delay + ctx.config.lease()).as_secs_f64();
+            let mut conn = match ctx.pool.acquire().await {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            match operations::mark_retrying(&mut conn, op.id, &ctx.worker, message, hold).await {
+                Ok(true) => {
+                    drop(conn);
+                    tokio::time::sleep(delay).await;
+                    return true;
+                }
+                Ok(false) => return false, // lease lost: someone else has it
+                Err(e) => Err(e),
+            }
+        }
+        JobError::Transient(message) => {
+            let message = format!("gave up after {} attempts: {message}", op.attempts);
+            error!(%message, "operation failed");
+            jobs::fail(ctx, op, "attempts_exhausted", &message).await
+        }
+        JobError::Permanent { code, message } => {
+            error!(%code, %message, "operation failed");
+            jobs::fail(ctx, op, code, message).await
+        }
+        JobError::Stale(reason) => {
+            info!(%reason, "operation superseded; nothing done");
+            jobs::supersede(ctx, op, reason).await
+        }
+        JobError::Deferred => {
+            let mut conn = match ctx.pool.acquire().await {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            operations::requeue(&mut conn, op.id, &ctx.worker)
+                .await
+                .map(|_| ())
+        }
+    };
+    if let Err(error) = settled {
+        warn!(%error, "could not settle the operation; its lease will expire and it will run again");
+    }
+    false
+}
+
+/// Exponential backoff with jitter for the `attempt`-th failure.
+fn backoff_delay(ctx: &JobContext, attempt: i32) -> Duration {
+    ExponentialBuilder::default()
+        .with_min_delay(ctx.config.retry_base())
+        .with_max_delay(ctx.config.retry_cap())
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth((attempt.max(1) - 1) as usize)
+        .unwrap_or(ctx.config.retry_cap())
+}
