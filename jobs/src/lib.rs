@@ -9,6 +9,8 @@ pub mod keys;
 pub mod queue;
 pub mod state;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use ids::{CapsuleId, HostId, IdError, KeyId, OperationId, TeamId, TemplateId};
 pub use state::{CapsuleStatus, OperationKind, OperationStatus};
