@@ -1,0 +1,209 @@
+//! Admin routes (platform admin keys): teams, their API keys, and hosts. Admin capsule
+//! routes live with the team ones in `capsules.rs`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hangar_jobs::store::tenancy::{self, NewKey};
+use hangar_jobs::store::{Host, PgConnection, Principal, hosts};
+use hangar_jobs::{HostId, KeyId, TeamId, keys};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::audit;
+use crate::domain::{KeyName, TeamName};
+use crate::error::ApiError;
+use crate::extract::{Admin, Empty, IdempotencyKey, JsonBody, PathId};
+use crate::idempotency::{Idempotency, Reply};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/teams", post(create_team))
+        .route("/v1/admin/teams/{id}/keys", post(mint_key))
+        .route("/v1/admin/hosts", get(list_hosts))
+        .route("/v1/admin/hosts/{id}/cordon", post(cordon))
+        .route("/v1/admin/hosts/{id}/uncordon", post(uncordon))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TeamBody {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    name: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+async fn create_team(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    key: IdempotencyKey,
+    body: JsonBody<TeamBody>,
+) -> Result<Reply, ApiError> {
+    let name = TeamName::try_from(body.value.name)?;
+    let idem = Idempotency::new(actor.team_id, key, body.hash);
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    let team = tenancy::create_team(&mut tx, name.as_str())
+        .await?
+        .ok_or_else(|| ApiError::NameTaken(name.as_str().to_owned()))?;
+    audit::accepted(
+        &mut tx,
+        Some(&actor),
+        Some(team.id),
+        "team.create",
+        team.id,
+        json!({ "name": team.name }),
+    )
+    .await?;
+    let reply = Reply::created(json!(team));
+    idem.remember(&mut tx, &reply).await?;
+    tx.commit().await?;
+    Ok(reply)
+}
+
+/// Mints an API key; its secret is in this response only. A replay under the same
+/// `Idempotency-Key` answers with the key's id and prefix and `"key": null`: the secret is
+/// never stored.
+async fn mint_key(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(team_id): PathId<TeamId>,
+    key: IdempotencyKey,
+    body: JsonBody<KeyBody>,
+) -> Result<Reply, ApiError> {
+    let name = KeyName::try_from(body.value.name)?;
+    let admin = body.value.admin;
+    let idem = Idempotency::new(actor.team_id, key, body.hash);
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    let team = tenancy::get_team(&mut tx, team_id)
+        .await?
+        .ok_or(ApiError::NotFound("team"))?;
+    if admin && !team.is_platform {
+        return Err(ApiError::InvalidRequest(
+            "`admin` keys can only be minted for the platform team".into(),
+        ));
+    }
+    let minted = keys::mint_api_key();
+    let id = KeyId::new();
+    tenancy::insert_key(
+        &mut tx,
+        NewKey {
+            id,
+            team_id,
+            name: name.as_str(),
+            prefix: &minted.prefix,
+            key_hash: &minted.hash,
+            is_admin: admin,
+        },
+    )
+    .await?;
+    audit::accepted(
+        &mut tx,
+        Some(&actor),
+        Some(team_id),
+        "key.create",
+        id,
+        json!({ "name": name.as_str(), "admin": admin, "prefix": minted.prefix }),
+    )
+    .await?;
+    let stored = json!({ "id": id, "prefix": minted.prefix, "key": null });
+    idem.remember_as(&mut tx, StatusCode::CREATED, &stored)
+        .await?;
+    tx.commit().await?;
+    Ok(Reply::created(
+        json!({ "id": id, "prefix": minted.prefix, "key": minted.secret }),
+    ))
+}
+
+async fn list_hosts(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let hosts = hosts::list(&mut conn).await?;
+    Ok(Json(json!({ "hosts": hosts })))
+}
+
+async fn cordon(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(id): PathId<HostId>,
+    key: IdempotencyKey,
+    body: JsonBody<Empty>,
+) -> Result<Reply, ApiError> {
+    set_cordoned(
+        &state,
+        &actor,
+        id,
+        true,
+        Idempotency::new(actor.team_id, key, body.hash),
+    )
+    .await
+}
+
+async fn uncordon(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(id): PathId<HostId>,
+    key: IdempotencyKey,
+    body: JsonBody<Empty>,
+) -> Result<Reply, ApiError> {
+    set_cordoned(
+        &state,
+        &actor,
+        id,
+        false,
+        Idempotency::new(actor.team_id, key, body.hash),
+    )
+    .await
+}
+
+async fn set_cordoned(
+    state: &AppState,
+    actor: &Principal,
+    id: HostId,
+    cordoned: bool,
+    idem: Idempotency,
+) -> Result<Reply, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    let host = cordon_host(&mut tx, id, cordoned).await?;
+    let action = if cordoned {
+        "host.cordon"
+    } else {
+        "host.uncordon"
+    };
+    audit::accepted(&mut tx, Some(actor), None, action, id, json!({})).await?;
+    let reply = Reply::ok(json!(host));
+    idem.remember(&mut tx, &reply).await?;
+    tx.commit().await?;
+    Ok(reply)
+}
+
+async fn cordon_host(
+    conn: &mut PgConnection,
+    id: HostId,
+    cordoned: bool,
+) -> Result<Host, ApiError> {
+    if !hosts::set_cordoned(conn, id, cordoned).await? {
+        return Err(ApiError::NotFound("host"));
+    }
+    hosts::get(conn, id)
+        .await?
+        .ok_or(ApiError::NotFound("host"))
+}

@@ -1,0 +1,418 @@
+//! Capsules: the team routes (`/v1/capsules…`) and the admin routes
+//! (`/v1/admin/capsules…`), which share the functions below; admins see every team.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hangar_jobs::intents::{self, Accepted, CreateCapsule};
+use hangar_jobs::store::capsules::{self, CapsuleFilter};
+use hangar_jobs::store::{Capsule, Principal, operations, tenancy};
+use hangar_jobs::{CapsuleId, CapsuleStatus, HostId, OperationKind, TeamId, enqueue};
+use serde_json::json;
+
+use crate::AppState;
+use crate::audit;
+use crate::domain::{self, MemoryMb, PageLimit, TemplateName, TimeoutSec, Vcpus};
+use crate::error::ApiError;
+use crate::extract::{Admin, Caller, Empty, IdempotencyKey, JsonBody, PathId, QueryParams};
+use crate::idempotency::{Idempotency, Reply};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/capsules", post(team_create).get(team_list))
+        .route("/v1/capsules/{id}", get(team_get).delete(team_destroy))
+        .route("/v1/capsules/{id}/pause", post(pause))
+        .route("/v1/capsules/{id}/resume", post(resume))
+        .route("/v1/capsules/{id}/snapshot", post(team_snapshot))
+        .route("/v1/capsules/{id}/keepalive", post(keepalive))
+}
+
+pub(crate) fn admin_router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/capsules", post(admin_create).get(admin_list))
+        .route(
+            "/v1/admin/capsules/{id}",
+            get(admin_get).delete(admin_destroy),
+        )
+        .route("/v1/admin/capsules/{id}/snapshot", post(admin_snapshot))
+}
+
+mod requests;
+
+use requests::{
+    AdminListQuery, AdminSnapshotBody, CreateCapsuleBody, KeepaliveBody, NewCapsule, SnapshotBody,
+    TeamListQuery, snapshot_params,
+};
+
+// ---- team routes ----
+
+async fn team_create(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    key: IdempotencyKey,
+    body: JsonBody<CreateCapsuleBody>,
+) -> Result<Reply, ApiError> {
+    create(&state, &actor, key, body).await
+}
+
+async fn team_list(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    QueryParams(q): QueryParams<TeamListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let filter = filter(
+        Some(actor.team_id),
+        q.status.as_deref(),
+        None,
+        q.limit.as_deref(),
+        q.cursor.as_deref(),
+    )?;
+    list(&state, filter).await
+}
+
+async fn team_get(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    PathId(id): PathId<CapsuleId>,
+) -> Result<Json<Capsule>, ApiError> {
+    get_one(&state, Some(actor.team_id), id).await
+}
+
+async fn team_destroy(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    PathId(id): PathId<CapsuleId>,
+) -> Result<Reply, ApiError> {
+    Lifecycle::team(&actor, id, OperationKind::Destroy)
+        .run(&state, no_params)
+        .await
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    PathId(id): PathId<CapsuleId>,
+    key: IdempotencyKey,
+    body: JsonBody<Empty>,
+) -> Result<Reply, ApiError> {
+    Lifecycle::team(&actor, id, OperationKind::Pause)
+        .idempotent(key, body.hash)
+        .run(&state, no_params)
+        .await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    PathId(id): PathId<CapsuleId>,
+    key: IdempotencyKey,
+    body: JsonBody<Empty>,
+) -> Result<Reply, ApiError> {
+    Lifecycle::team(&actor, id, OperationKind::Resume)
+        .idempotent(key, body.hash)
+        .run(&state, no_params)
+        .await
+}
+
+async fn team_snapshot(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    PathId(id): PathId<CapsuleId>,
+    key: IdempotencyKey,
+    body: JsonBody<SnapshotBody>,
+) -> Result<Reply, ApiError> {
+    let name = TemplateName::try_from(body.value.name)?;
+    let destroy_after = !body.value.keep;
+    Lifecycle::team(&actor, id, OperationKind::Snapshot)
+        .idempotent(key, body.hash)
+        .run(&state, |c| snapshot_params(&name, c, destroy_after, false))
+        .await
+}
+
+async fn keepalive(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    PathId(id): PathId<CapsuleId>,
+    key: IdempotencyKey,
+    body: JsonBody<KeepaliveBody>,
+) -> Result<Reply, ApiError> {
+    let timeout = body
+        .value
+        .timeout_sec
+        .map(TimeoutSec::try_from)
+        .transpose()?;
+    let idem = Idempotency::new(actor.team_id, key, body.hash);
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    let capsule = capsules::get(&mut tx, Some(actor.team_id), id)
+        .await?
+        .ok_or(ApiError::NotFound("capsule"))?;
+    let timeout_sec = timeout.map_or(capsule.timeout_sec, TimeoutSec::get);
+    let expires_at = capsules::keepalive(&mut tx, actor.team_id, id, timeout_sec)
+        .await?
+        .ok_or_else(|| ApiError::InvalidState("capsule is stopped".into()))?;
+    let reply = Reply::ok(json!({ "expires_at": expires_at }));
+    idem.remember(&mut tx, &reply).await?;
+    tx.commit().await?;
+    Ok(reply)
+}
+
+// ---- admin routes ----
+
+async fn admin_create(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    key: IdempotencyKey,
+    body: JsonBody<CreateCapsuleBody>,
+) -> Result<Reply, ApiError> {
+    create(&state, &actor, key, body).await
+}
+
+async fn admin_list(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    QueryParams(q): QueryParams<AdminListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let team = domain::param::<TeamId>("team_id", q.team_id.as_deref())?;
+    let host = domain::param::<HostId>("host_id", q.host_id.as_deref())?;
+    let filter = filter(
+        team,
+        q.status.as_deref(),
+        host,
+        q.limit.as_deref(),
+        q.cursor.as_deref(),
+    )?;
+    list(&state, filter).await
+}
+
+async fn admin_get(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    PathId(id): PathId<CapsuleId>,
+) -> Result<Json<Capsule>, ApiError> {
+    get_one(&state, None, id).await
+}
+
+async fn admin_destroy(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(id): PathId<CapsuleId>,
+) -> Result<Reply, ApiError> {
+    Lifecycle::admin(&actor, id, OperationKind::Destroy)
+        .run(&state, no_params)
+        .await
+}
+
+/// Snapshots any team's capsule as a platform template, then destroys it.
+async fn admin_snapshot(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(id): PathId<CapsuleId>,
+    key: IdempotencyKey,
+    body: JsonBody<AdminSnapshotBody>,
+) -> Result<Reply, ApiError> {
+    let name = TemplateName::try_from(body.value.name)?;
+    Lifecycle::admin(&actor, id, OperationKind::Snapshot)
+        .idempotent(key, body.hash)
+        .run(&state, |c| snapshot_params(&name, c, true, true))
+        .await
+}
+
+// ---- shared ----
+
+/// Creates a capsule in the caller's team (admin keys: the platform team).
+#[tracing::instrument(skip_all, fields(team_id = %actor.team_id))]
+async fn create(
+    state: &AppState,
+    actor: &Principal,
+    key: IdempotencyKey,
+    body: JsonBody<CreateCapsuleBody>,
+) -> Result<Reply, ApiError> {
+    let new = NewCapsule::try_from(body.value)?;
+    let idem = Idempotency::new(actor.team_id, key, body.hash);
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    let template = tenancy::template_for_team(&mut tx, actor.team_id, new.template.as_str())
+        .await?
+        .ok_or_else(|| ApiError::UnknownTemplate(new.template.as_str().to_owned()))?;
+    let accepted = intents::create_capsule(
+        &mut tx,
+        CreateCapsule {
+            team_id: actor.team_id,
+            vcpus: new.vcpus.map_or(template.vcpus, Vcpus::get),
+            memory_mb: new.memory_mb.map_or(template.memory_mb, MemoryMb::get),
+            timeout_sec: new.timeout_sec.get(),
+            metadata: new.metadata.to_json(),
+            template,
+            max_attempts: state.config.max_attempts,
+        },
+    )
+    .await?;
+    audit_accepted(&mut tx, actor, "capsule.create", &accepted).await?;
+    let reply = Reply::accepted(&accepted);
+    idem.remember(&mut tx, &reply).await?;
+    tx.commit().await?;
+    push(state, &accepted).await;
+    Ok(reply)
+}
+
+/// Pause, resume, snapshot or destroy of one capsule.
+struct Lifecycle<'a> {
+    actor: &'a Principal,
+    /// The team whose capsules the caller may touch; `None` for admins (any team).
+    scope: Option<TeamId>,
+    id: CapsuleId,
+    kind: OperationKind,
+    idempotency: Option<Idempotency>,
+}
+
+fn no_params(_: &Capsule) -> serde_json::Value {
+    json!({})
+}
+
+impl<'a> Lifecycle<'a> {
+    fn team(actor: &'a Principal, id: CapsuleId, kind: OperationKind) -> Self {
+        let scope = Some(actor.team_id);
+        Self {
+            actor,
+            scope,
+            id,
+            kind,
+            idempotency: None,
+        }
+    }
+
+    fn admin(actor: &'a Principal, id: CapsuleId, kind: OperationKind) -> Self {
+        Self {
+            actor,
+            scope: None,
+            id,
+            kind,
+            idempotency: None,
+        }
+    }
+
+    fn idempotent(mut self, key: IdempotencyKey, request_hash: Vec<u8>) -> Self {
+        self.idempotency = Some(Idempotency::new(self.actor.team_id, key, request_hash));
+        self
+    }
+
+    /// One transaction: replay check, the capsule, the intent, the audit row and the
+    /// stored reply; then, after commit, the push.
+    #[tracing::instrument(skip_all, fields(capsule_id = %self.id, kind = %self.kind))]
+    async fn run(
+        self,
+        state: &AppState,
+        params: impl FnOnce(&Capsule) -> serde_json::Value,
+    ) -> Result<Reply, ApiError> {
+        let Self {
+            actor,
+            scope,
+            id,
+            kind,
+            idempotency,
+        } = self;
+        let mut tx = state.pool.begin().await?;
+        if let Some(idem) = &idempotency
+            && let Some(reply) = idem.replay(&mut tx).await?
+        {
+            return Ok(reply);
+        }
+        let capsule = capsules::get(&mut tx, scope, id)
+            .await?
+            .ok_or(ApiError::NotFound("capsule"))?;
+        // Asking again for what is already under way: answer with its handle. (Any other
+        // request is checked against the capsule's status first, then the in-flight slot.)
+        if kind != OperationKind::Destroy
+            && let Some(op) = operations::in_flight(&mut tx, id).await?
+            && op.kind == kind
+        {
+            return Err(ApiError::OperationInProgress { operation: op.id });
+        }
+        let params = params(&capsule);
+        let accepted =
+            intents::capsule_operation(&mut tx, capsule, kind, params, state.config.max_attempts)
+                .await?;
+        audit_accepted(&mut tx, actor, &format!("capsule.{kind}"), &accepted).await?;
+        let reply = Reply::accepted(&accepted);
+        if let Some(idem) = &idempotency {
+            idem.remember(&mut tx, &reply).await?;
+        }
+        tx.commit().await?;
+        if accepted.is_new {
+            push(state, &accepted).await;
+        }
+        Ok(reply)
+    }
+}
+
+async fn audit_accepted(
+    conn: &mut hangar_jobs::store::PgConnection,
+    actor: &Principal,
+    action: &str,
+    accepted: &Accepted,
+) -> Result<(), ApiError> {
+    audit::accepted(
+        conn,
+        Some(actor),
+        Some(accepted.capsule.team_id),
+        action,
+        accepted.capsule.id,
+        json!({ "operation_id": accepted.operation.id }),
+    )
+    .await
+}
+
+/// After commit: a failed push still answers 202 (the reconciler pushes it later).
+async fn push(state: &AppState, accepted: &Accepted) {
+    let job = [(accepted.operation.kind, accepted.operation.id)];
+    enqueue::push_committed(&state.pool, &state.queue, &job).await;
+}
+
+fn filter(
+    team: Option<TeamId>,
+    status: Option<&str>,
+    host: Option<HostId>,
+    limit: Option<&str>,
+    cursor: Option<&str>,
+) -> Result<CapsuleFilter, ApiError> {
+    Ok(CapsuleFilter {
+        team,
+        status: domain::param::<CapsuleStatus>("status", status)?,
+        host,
+        before: domain::param::<CapsuleId>("cursor", cursor)?,
+        limit: domain::int_param::<PageLimit>("limit", limit, PageLimit::DEFAULT)?
+            .get()
+            .into(),
+    })
+}
+
+async fn list(
+    state: &AppState,
+    filter: CapsuleFilter,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let page = capsules::list(&mut conn, &filter).await?;
+    let next_cursor = (page.len() as i64 == filter.limit)
+        .then(|| page.last().map(|c| c.id))
+        .flatten();
+    Ok(Json(
+        json!({ "capsules": page, "next_cursor": next_cursor }),
+    ))
+}
+
+async fn get_one(
+    state: &AppState,
+    scope: Option<TeamId>,
+    id: CapsuleId,
+) -> Result<Json<Capsule>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let capsule = capsules::get(&mut conn, scope, id)
+        .await?
+        .ok_or(ApiError::NotFound("capsule"))?;
+    Ok(Json(capsule))
+}

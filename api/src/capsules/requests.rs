@@ -1,0 +1,156 @@
+//! Capsule request bodies (`deny_unknown_fields`) and their validated forms.
+
+use std::collections::BTreeMap;
+
+use hangar_jobs::TemplateId;
+use hangar_jobs::store::Capsule;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::domain::{MemoryMb, Metadata, TemplateName, TimeoutSec, Vcpus};
+use crate::error::ApiError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateCapsuleBody {
+    template: Option<String>,
+    vcpus: Option<i64>,
+    memory_mb: Option<i64>,
+    timeout_sec: Option<i64>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A create request, fully validated; sizes default to the template's.
+#[derive(Debug)]
+pub(crate) struct NewCapsule {
+    pub(crate) template: TemplateName,
+    pub(crate) vcpus: Option<Vcpus>,
+    pub(crate) memory_mb: Option<MemoryMb>,
+    pub(crate) timeout_sec: TimeoutSec,
+    pub(crate) metadata: Metadata,
+}
+
+impl TryFrom<CreateCapsuleBody> for NewCapsule {
+    type Error = ApiError;
+
+    fn try_from(body: CreateCapsuleBody) -> Result<Self, ApiError> {
+        Ok(Self {
+            template: TemplateName::try_from(body.template.unwrap_or_else(|| "base".into()))?,
+            vcpus: body.vcpus.map(Vcpus::try_from).transpose()?,
+            memory_mb: body.memory_mb.map(MemoryMb::try_from).transpose()?,
+            timeout_sec: TimeoutSec::try_from(body.timeout_sec.unwrap_or(TimeoutSec::DEFAULT))?,
+            metadata: Metadata::try_from(body.metadata.unwrap_or_default())?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotBody {
+    pub(crate) name: String,
+    /// False: destroy the capsule once the snapshot exists.
+    #[serde(default = "keep_by_default")]
+    pub(crate) keep: bool,
+}
+
+fn keep_by_default() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminSnapshotBody {
+    pub(crate) name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KeepaliveBody {
+    pub(crate) timeout_sec: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TeamListQuery {
+    pub(crate) status: Option<String>,
+    pub(crate) limit: Option<String>,
+    pub(crate) cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminListQuery {
+    pub(crate) team_id: Option<String>,
+    pub(crate) status: Option<String>,
+    pub(crate) host_id: Option<String>,
+    pub(crate) limit: Option<String>,
+    pub(crate) cursor: Option<String>,
+}
+
+/// The parameters of a snapshot operation (read by the worker's snapshot job).
+pub(crate) fn snapshot_params(
+    name: &TemplateName,
+    capsule: &Capsule,
+    destroy_after: bool,
+    platform: bool,
+) -> serde_json::Value {
+    let mut params = json!({
+        "name": name.as_str(),
+        "template_id": TemplateId::new(),
+        "destroy_after": destroy_after,
+        "prior_status": capsule.status,
+    });
+    if platform {
+        params["platform"] = json!(true);
+    }
+    params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: serde_json::Value) -> Result<NewCapsule, ApiError> {
+        let body: CreateCapsuleBody =
+            serde_json::from_value(json).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+        NewCapsule::try_from(body)
+    }
+
+    #[test]
+    fn defaults() {
+        let new = body(json!({})).unwrap();
+        assert_eq!(new.template.as_str(), "base");
+        assert_eq!(new.vcpus, None);
+        assert_eq!(new.memory_mb, None);
+        assert_eq!(new.timeout_sec.get(), 300);
+        assert_eq!(new.metadata, Metadata::default());
+    }
+
+    #[test]
+    fn every_field_is_validated() {
+        let new = body(json!({"template": "t", "vcpus": 16, "memory_mb": 16384, "timeout_sec": 10, "metadata": {"a": "b"}})).unwrap();
+        assert_eq!(new.vcpus.unwrap().get(), 16);
+        for (bad, code) in [
+            (json!({"vcpus": 0}), "invalid_request"),
+            (json!({"vcpus": 17}), "invalid_request"),
+            (json!({"memory_mb": 64}), "invalid_request"),
+            (json!({"timeout_sec": 5}), "invalid_request"),
+            (json!({"template": "../x"}), "invalid_name"),
+            (json!({"metadata": {"k": 1}}), "invalid_json"),
+            (json!({"vcpus": "2"}), "invalid_json"),
+            (json!({"cpus": 2}), "invalid_json"),
+        ] {
+            assert_eq!(body(bad.clone()).unwrap_err().code(), code, "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshot_bodies() {
+        let s: SnapshotBody = serde_json::from_value(json!({"name": "x"})).unwrap();
+        assert!(s.keep);
+        assert!(
+            serde_json::from_value::<AdminSnapshotBody>(json!({"name": "x", "keep": true}))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! HTTP tests of the whole API against a real Postgres and Redis (one fresh database and
+//! Redis prefix per test).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod admin;
+mod bad_input;
+mod capsules;
+mod hosts;
+mod idempotency;
+mod operations;
+mod ops;
