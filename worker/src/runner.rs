@@ -67,6 +67,11 @@ pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Rece
             Ok(d) => d,
             Err(error) => {
                 warn!(%error, %kind, "reading the job stream failed; retrying");
+                // Redis may have lost the stream or its group (a restart without
+                // persistence): recreate them; the reconciler re-pushes the lost jobs.
+                if error.code() == Some("NOGROUP") {
+                    let _ = ctx.queue.ensure_groups().await;
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }

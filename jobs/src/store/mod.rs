@@ -144,3 +144,11 @@ pub struct Event {
     pub message: Option<String>,
     pub created_at: DateTime<Utc>,
 }
+
+/// A round trip to Postgres (`select 1`), for readiness checks.
+pub async fn ping(conn: &mut PgConnection) -> StoreResult<()> {
+    sqlx::query_scalar!(r#"select 1 as "one!""#)
+        .fetch_one(conn)
+        .await?;
+    Ok(())
+}

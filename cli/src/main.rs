@@ -1,0 +1,151 @@
+//! `hangar`: the one binary. A subcommand per role; each calls into its library crate.
+
+mod dev;
+mod local_services;
+mod telemetry;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hangar_jobs::queue::JobQueue;
+use hangar_jobs::store::{self, PgPool};
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "hangar", version, about = "Control plane for microVM sandboxes (capsules)")]
+struct Cli {
+    /// Log format: `human` or `json`.
+    #[arg(long, global = true, env = "HANGAR_LOG_FORMAT", default_value = "human")]
+    log_format: telemetry::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process: Postgres and Redis (spawned unless URLs are given),
+    /// migrations, the API, a worker, the reconciler and a host agent.
+    Dev(dev::DevArgs),
+    /// The HTTP API.
+    Api(ApiArgs),
+    /// A worker process: job consumers and the reconciler.
+    Worker(WorkerArgs),
+    /// The host agent (on each KVM host).
+    Agent(hangar_agent::AgentConfig),
+    /// Applies the database migrations.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct DatabaseArgs {
+    /// Postgres URL.
+    #[arg(long, env = "HANGAR_DATABASE_URL")]
+    database_url: String,
+}
+
+#[derive(Args, Clone)]
+pub struct RedisArgs {
+    /// Redis URL.
+    #[arg(long, env = "HANGAR_REDIS_URL")]
+    redis_url: String,
+    /// Namespace of every Redis key.
+    #[arg(long, env = "HANGAR_REDIS_PREFIX", default_value = "hangar")]
+    redis_prefix: String,
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    api: hangar_api::ApiConfig,
+    /// A fixed admin key of the platform team (stored hashed at start).
+    #[arg(long, env = "HANGAR_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    worker: hangar_worker::WorkerConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Api(args) => run_api(args).await,
+        Command::Worker(args) => run_worker(args).await,
+        Command::Agent(config) => hangar_agent::run(config, shutdown_signal()).await,
+        Command::Migrate(args) => {
+            let pool = connect_postgres(&args.database_url, 2).await?;
+            store::migrate(&pool).await.context("applying migrations")?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+    }
+}
+
+async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
+    let pool = connect_postgres(&args.database.database_url, 32).await?;
+    let queue = connect_redis(&args.redis).await?;
+    if let Some(key) = &args.admin_key {
+        hangar_api::ensure_admin_key(&pool, key).await?;
+    }
+    let config = args.api;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(url = %format!("http://{}", listener.local_addr()?), "api listening");
+    let state = hangar_api::AppState::new(pool, queue, config).await?;
+    hangar_api::serve(listener, state, shutdown_signal()).await
+}
+
+async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let pool = connect_postgres(&args.database.database_url, 40).await?;
+    let queue = connect_redis(&args.redis).await?;
+    let ctx = hangar_worker::context(pool, queue, args.worker);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    hangar_worker::run(ctx, stop_rx).await
+}
+
+pub async fn connect_postgres(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect(url)
+        .await
+        .context("connecting to Postgres (check --database-url)")
+}
+
+pub async fn connect_redis(args: &RedisArgs) -> anyhow::Result<JobQueue> {
+    let queue = JobQueue::connect(&args.redis_url, &args.redis_prefix)
+        .await
+        .context("connecting to Redis (check --redis-url)")?;
+    queue.ensure_groups().await.context("creating the job streams")?;
+    Ok(queue)
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM: the one shutdown signal every role obeys.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,202 @@
+//! A cluster of real `hangar` processes (api, workers, agents) on a fresh database and a
+//! private Redis namespace, for end-to-end and crash tests. Every child is killed on drop.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hangar_jobs::testing::TestEnv;
+use serde_json::{Value, json};
+
+pub const ADMIN_KEY: &str = "hk_testadmn_0123456789abcdef0123456789abcdef";
+const JOIN_TOKEN: &str = "test-join-token";
+
+pub struct Cluster {
+    pub env: TestEnv,
+    pub api_url: String,
+    pub http: reqwest::Client,
+    dir: PathBuf,
+    children: HashMap<String, Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// A fresh database and Redis namespace, and the API process.
+    pub async fn start() -> Cluster {
+        let env = TestEnv::new().await;
+        let dir = std::env::temp_dir().join(format!("hangar-e2e-{}", hangar_jobs::keys::random_hex(4)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let mut cluster = Cluster {
+            env,
+            api_url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            dir,
+            children: HashMap::new(),
+        };
+        cluster.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")], &[]);
+        cluster.wait_until("the API answers", Duration::from_secs(30), |c| async move {
+            c.http.get(format!("{}/healthz", c.api_url)).send().await.is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        cluster
+    }
+
+    /// Spawns `hangar <args>` with the cluster's settings in its environment.
+    pub fn spawn(&mut self, name: &str, args: &[&str], extra_env: &[(&str, &str)]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
+        cmd.args(args)
+            .env("HANGAR_DATABASE_URL", &self.env.database_url)
+            .env("HANGAR_REDIS_URL", &self.env.redis_url)
+            .env("HANGAR_REDIS_PREFIX", self.env.queue.prefix())
+            .env("HANGAR_ADMIN_KEY", ADMIN_KEY)
+            .env("HANGAR_JOIN_TOKEN", JOIN_TOKEN)
+            .env("HANGAR_CONTROL_PLANE_URL", &self.api_url)
+            .env("HANGAR_RECONCILE_INTERVAL_MS", "200")
+            .env("HANGAR_HOST_SILENT_SECS", "5")
+            .env("HANGAR_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn hangar");
+        self.children.insert(name.to_owned(), child);
+    }
+
+    pub fn spawn_worker(&mut self, name: &str, extra_env: &[(&str, &str)]) {
+        self.spawn(name, &["worker", "--worker-name", name], extra_env);
+    }
+
+    /// Starts an agent named `name` (its state folder survives restarts under that name).
+    pub async fn spawn_agent(&mut self, name: &str, extra_env: &[(&str, &str)]) {
+        let state = self.dir.join(format!("state-{name}"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let args = ["agent", "--listen", &listen, "--host-name", name, "--state-dir", state.to_str().unwrap()];
+        self.spawn(name, &args, extra_env);
+        let name = name.to_owned();
+        self.wait_until("the agent registers and heartbeats", Duration::from_secs(30), |c| {
+            let name = name.clone();
+            async move {
+                let hosts = c.admin_get("/v1/admin/hosts").await;
+                hosts["hosts"].as_array().is_some_and(|hs| {
+                    hs.iter().any(|h| h["name"] == name.as_str() && h["status"] == "healthy")
+                })
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: no chance to clean up, like a crash.
+    pub fn kill(&mut self, name: &str) {
+        let mut child = self.children.remove(name).expect("no such process");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.api_url))
+            .bearer_auth(ADMIN_KEY);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Value {
+        self.request(reqwest::Method::GET, path, None).await.1
+    }
+
+    /// POSTs and expects 202; returns (operation id, capsule id).
+    pub async fn accepted(&self, path: &str, body: Value) -> (String, String) {
+        let (status, body) = self.request(reqwest::Method::POST, path, Some(body)).await;
+        assert_eq!(status, 202, "POST {path}: {body}");
+        (
+            body["operation"]["id"].as_str().unwrap().to_owned(),
+            body["capsule"]["id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn create_capsule(&self, template: &str) -> (String, String) {
+        self.accepted("/v1/capsules", json!({ "template": template })).await
+    }
+
+    /// Long-polls an operation until it is terminal (the API's `?wait=`).
+    pub async fn wait_operation(&self, op: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let body = self.admin_get(&format!("/v1/operations/{op}?wait=30")).await;
+            let status = body["status"].as_str().unwrap_or_default().to_owned();
+            if ["succeeded", "failed", "cancelled"].contains(&status.as_str()) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "operation {op} still {status}");
+        }
+    }
+
+    pub async fn capsule(&self, id: &str) -> Value {
+        self.admin_get(&format!("/v1/capsules/{id}")).await
+    }
+
+    /// Polls `check` until it holds or `limit` passes (for conditions nothing notifies).
+    pub async fn wait_until<F, Fut>(&self, what: &str, limit: Duration, check: F)
+    where
+        F: Fn(&Cluster) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + limit;
+        while !check(self).await {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The sandboxes an agent holds, asked over its real gRPC API.
+    pub async fn sandboxes_on(&self, host_name: &str) -> Vec<String> {
+        let mut conn = self.env.pool.acquire().await.unwrap();
+        let hosts = hangar_jobs::store::hosts::list(&mut conn).await.unwrap();
+        let host = hosts.into_iter().find(|h| h.name == host_name).expect("host registered");
+        let channel = tonic::transport::Endpoint::from_shared(host.address).unwrap().connect().await.unwrap();
+        let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", host.agent_token).parse().unwrap();
+        let mut client = hangar_proto::host_agent_client::HostAgentClient::with_interceptor(
+            channel,
+            move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", token.clone());
+                Ok(req)
+            },
+        );
+        let list = client.list_sandboxes(hangar_proto::ListSandboxesRequest {}).await.unwrap().into_inner();
+        list.sandboxes.into_iter().map(|s| s.sandbox_id).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("process logs kept in {}", self.dir.display());
+        }
+    }
+}
