@@ -127,3 +127,24 @@ async fn run_services(
     }
     Ok(())
 }
+
+/// The in-process agent: the `sim` driver, its state under the data folder.
+fn agent_config(args: &DevArgs, data_dir: &std::path::Path, join_token: &str) -> hangar_agent::AgentConfig {
+    hangar_agent::AgentConfig {
+        listen: args.agent_listen,
+        advertise_url: None,
+        control_plane_url: format!("http://{}", args.listen),
+        join_token: hangar_agent::secret::Secret::new(join_token),
+        host_name: Some("dev-host".into()),
+        state_dir: data_dir.join("agent"),
+        driver: hangar_agent::DriverKind::Sim,
+        vcpus: 64,
+        memory_mb: 262_144,
+        sim_latency_ms: args.sim_latency_ms,
+        sim_jitter_ms: 0,
+        sim_error_rate: 0.0,
+        sim_hang_rate: 0.0,
+        sim_crash_rate: 0.0,
+        heartbeat_interval_ms: 2_000,
+    }
+}

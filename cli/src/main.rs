@@ -4,7 +4,6 @@ mod dev;
 mod local_services;
 mod telemetry;
 
-use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};

@@ -53,7 +53,7 @@ async fn twenty_thousand_queued_creates_drain_completely() {
 
     cluster.spawn_worker("worker", &[("HANGAR_WORKER_CONCURRENCY", "64")]);
     cluster
-        .wait_until("the backlog drains", Duration::from_secs(600), |c| async move {
+        .wait_until("the backlog drains", Duration::from_secs(600), |c| Box::pin(async move {
             let succeeded: i64 = sqlx::query_scalar(
                 "select count(*) from operations where kind = 'create' and status = 'succeeded'",
             )
@@ -61,7 +61,7 @@ async fn twenty_thousand_queued_creates_drain_completely() {
             .await
             .unwrap();
             succeeded == BACKLOG as i64
-        })
+        }))
         .await;
     let running: i64 = sqlx::query_scalar("select count(*) from capsules where status = 'running'")
         .fetch_one(&pool)

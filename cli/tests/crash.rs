@@ -19,11 +19,11 @@ async fn a_worker_killed_mid_create_leaves_exactly_one_vm() {
     let (op, capsule) = cluster.create_capsule("base").await;
     let op_id = op.parse().unwrap();
     cluster
-        .wait_until("the doomed worker claims the create", Duration::from_secs(20), |c| async move {
+        .wait_until("the doomed worker claims the create", Duration::from_secs(20), |c| Box::pin(async move {
             let mut conn = c.env.pool.acquire().await.unwrap();
             let op = operations::get(&mut conn, None, op_id).await.unwrap().unwrap();
             op.status.as_str() == "running"
-        })
+        }))
         .await;
     cluster.kill("doomed");
     cluster.spawn_worker("survivor", &[("HANGAR_LEASE_SECS", "2")]);
@@ -71,20 +71,21 @@ async fn running_capsule(cluster: &Cluster) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_retries_while_the_agent_is_down_and_succeeds_when_it_returns() {
-    let mut cluster = Cluster::start().await;
+    // Attempts are fixed per operation when the API accepts it.
+    let mut cluster = Cluster::start_with(&[("HANGAR_MAX_ATTEMPTS", "1000")]).await;
     cluster.spawn_agent("host-1", &[]).await;
-    cluster.spawn_worker("worker", &[("HANGAR_MAX_ATTEMPTS", "50"), ("HANGAR_RETRY_CAP_MS", "300")]);
+    cluster.spawn_worker("worker", &[("HANGAR_RETRY_CAP_MS", "300")]);
     let capsule = running_capsule(&cluster).await;
 
     cluster.kill("host-1");
     let (op, _) = cluster.accepted(&format!("/v1/capsules/{capsule}/pause"), json!({})).await;
     let op_id = op.parse().unwrap();
     cluster
-        .wait_until("the pause is retrying", Duration::from_secs(20), |c| async move {
+        .wait_until("the pause is retrying", Duration::from_secs(20), |c| Box::pin(async move {
             let mut conn = c.env.pool.acquire().await.unwrap();
             let op = operations::get(&mut conn, None, op_id).await.unwrap().unwrap();
             op.attempts >= 2
-        })
+        }))
         .await;
     // The agent comes back with its state folder: the VM is still there.
     cluster.spawn_agent("host-1", &[]).await;
@@ -95,12 +96,9 @@ async fn a_pause_retries_while_the_agent_is_down_and_succeeds_when_it_returns() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_fails_with_a_reason_when_the_agent_never_returns() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = Cluster::start_with(&[("HANGAR_MAX_ATTEMPTS", "3")]).await;
     cluster.spawn_agent("host-1", &[]).await;
-    cluster.spawn_worker(
-        "worker",
-        &[("HANGAR_MAX_ATTEMPTS", "3"), ("HANGAR_RETRY_BASE_MS", "50"), ("HANGAR_RETRY_CAP_MS", "100")],
-    );
+    cluster.spawn_worker("worker", &[("HANGAR_RETRY_BASE_MS", "50"), ("HANGAR_RETRY_CAP_MS", "100")]);
     let capsule = running_capsule(&cluster).await;
 
     cluster.kill("host-1");

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use hangar_jobs::testing::TestEnv;
 use serde_json::{Value, json};
 
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 pub const ADMIN_KEY: &str = "hk_testadmn_0123456789abcdef0123456789abcdef";
 const JOIN_TOKEN: &str = "test-join-token";
 
@@ -29,6 +31,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// A fresh database and Redis namespace, and the API process.
     pub async fn start() -> Cluster {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra environment for the API process.
+    pub async fn start_with(api_env: &[(&str, &str)]) -> Cluster {
         let env = TestEnv::new().await;
         let dir = std::env::temp_dir().join(format!("hangar-e2e-{}", hangar_jobs::keys::random_hex(4)));
         std::fs::create_dir_all(&dir).unwrap();
@@ -40,11 +47,15 @@ impl Cluster {
             dir,
             children: HashMap::new(),
         };
-        cluster.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")], &[]);
-        cluster.wait_until("the API answers", Duration::from_secs(30), |c| async move {
-            c.http.get(format!("{}/healthz", c.api_url)).send().await.is_ok_and(|r| r.status().is_success())
-        })
-        .await;
+        cluster.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")], api_env);
+        cluster
+            .wait_until("the API answers", Duration::from_secs(30), |c| {
+                Box::pin(async move {
+                    let health = c.http.get(format!("{}/healthz", c.api_url)).send().await;
+                    health.is_ok_and(|r| r.status().is_success())
+                })
+            })
+            .await;
         cluster
     }
 
@@ -85,12 +96,12 @@ impl Cluster {
         let name = name.to_owned();
         self.wait_until("the agent registers and heartbeats", Duration::from_secs(30), |c| {
             let name = name.clone();
-            async move {
+            Box::pin(async move {
                 let hosts = c.admin_get("/v1/admin/hosts").await;
                 hosts["hosts"].as_array().is_some_and(|hs| {
                     hs.iter().any(|h| h["name"] == name.as_str() && h["status"] == "healthy")
                 })
-            }
+            })
         })
         .await;
     }
@@ -156,10 +167,9 @@ impl Cluster {
     }
 
     /// Polls `check` until it holds or `limit` passes (for conditions nothing notifies).
-    pub async fn wait_until<F, Fut>(&self, what: &str, limit: Duration, check: F)
+    pub async fn wait_until<F>(&self, what: &str, limit: Duration, check: F)
     where
-        F: Fn(&Cluster) -> Fut,
-        Fut: std::future::Future<Output = bool>,
+        F: for<'a> Fn(&'a Cluster) -> BoxFuture<'a, bool>,
     {
         let deadline = Instant::now() + limit;
         while !check(self).await {

@@ -1,0 +1,375 @@
+//! The simulated driver: in-memory VMs with configurable latency and injected faults, persisted
+//! to `<state_dir>/sim.json` so a killed agent comes back with its sandboxes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    CreateSpec, Driver, DriverError, DriverEvent, EventKind, EventSender, ExecOutput, ExecRequest,
+    Inventory, SnapshotInfo, Usage, VmInfo, VmSource, VmState, now_ms,
+};
+use crate::state;
+
+/// How often running VMs roll the dice for a crash.
+const CRASH_TICK: Duration = Duration::from_millis(200);
+/// A hung call sleeps this long; callers' deadlines fire well before.
+const HANG: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub state_dir: PathBuf,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    /// Every call takes `latency_ms` plus up to `jitter_ms` (uniform).
+    pub latency_ms: u64,
+    pub jitter_ms: u64,
+    /// Fraction of calls that fail with `Unavailable`; half of them after the change was made,
+    /// as when a reply is lost.
+    pub error_rate: f64,
+    /// Fraction of calls that never answer.
+    pub hang_rate: f64,
+    /// Expected crashes per running VM per minute.
+    pub crash_rate_per_min: f64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SimState {
+    vms: BTreeMap<String, VmInfo>,
+    snapshots: BTreeMap<String, SnapshotInfo>,
+}
+
+impl SimState {
+    /// Crashed VMs hold no resources (their process is gone); paused ones keep their memory.
+    fn usage(&self, config: &SimConfig) -> Usage {
+        let live = self.vms.values().filter(|vm| vm.state != VmState::Crashed);
+        let (vcpus, memory) = live.fold((0u32, 0u32), |(c, m), vm| {
+            (c.saturating_add(vm.vcpus), m.saturating_add(vm.memory_mb))
+        });
+        Usage {
+            vcpus_total: config.vcpus,
+            memory_mb_total: config.memory_mb,
+            vcpus_used: vcpus,
+            memory_mb_used: memory,
+            sandboxes: u32::try_from(self.vms.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn vm_mut(&mut self, sandbox_id: &str) -> Result<&mut VmInfo, DriverError> {
+        self.vms
+            .get_mut(sandbox_id)
+            .ok_or_else(|| DriverError::sandbox_not_found(sandbox_id))
+    }
+}
+
+struct Inner {
+    config: SimConfig,
+    path: PathBuf,
+    state: Mutex<SimState>,
+    events: EventSender,
+}
+
+impl Inner {
+    /// Applies `op` under the lock; when it reports a change, the whole state is written out
+    /// before the lock is released, so concurrent writers cannot reorder files on disk.
+    fn apply<T>(
+        &self,
+        op: impl FnOnce(&mut SimState) -> Result<(T, bool), DriverError>,
+    ) -> Result<T, DriverError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (out, changed) = op(&mut state)?;
+        if changed {
+            state::write_json(&self.path, &*state).map_err(|e| {
+                DriverError::Internal(format!("writing {}: {e}", self.path.display()))
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn crash_some(&self, probability: f64) {
+        let crashed = self.apply(|s| {
+            let mut crashed = Vec::new();
+            for vm in s.vms.values_mut() {
+                if vm.state == VmState::Running && rand::random_bool(probability) {
+                    vm.state = VmState::Crashed;
+                    crashed.push(vm.sandbox_id.clone());
+                }
+            }
+            let changed = !crashed.is_empty();
+            Ok((crashed, changed))
+        });
+        match crashed {
+            Ok(ids) => {
+                for sandbox_id in ids {
+                    tracing::info!(%sandbox_id, "sim: injected VM crash");
+                    // The receiver only goes away at shutdown, when nobody needs the event.
+                    let _ = self.events.send(DriverEvent {
+                        sandbox_id,
+                        kind: EventKind::Crashed,
+                        message: "simulated VM crash".to_owned(),
+                        at_ms: now_ms(),
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "sim: recording injected crashes failed"),
+        }
+    }
+}
+
+/// In-memory VMs. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct SimDriver {
+    inner: Arc<Inner>,
+}
+
+impl SimDriver {
+    /// Loads `<state_dir>/sim.json` (if any) and, when a crash rate is set, starts the task that
+    /// crashes VMs; that task ends when the last clone of the driver is dropped. Must be called
+    /// inside a tokio runtime.
+    pub fn open(config: SimConfig, events: EventSender) -> Result<Self, DriverError> {
+        for (name, rate) in [
+            ("error rate", config.error_rate),
+            ("hang rate", config.hang_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(DriverError::Invalid(format!(
+                    "sim {name} must be within 0..=1"
+                )));
+            }
+        }
+        if !(config.crash_rate_per_min >= 0.0 && config.crash_rate_per_min.is_finite()) {
+            return Err(DriverError::Invalid(
+                "sim crash rate must be >= 0".to_owned(),
+            ));
+        }
+        let path = config.state_dir.join("sim.json");
+        // A corrupt file is an error, not an empty host: starting empty would orphan every VM.
+        let loaded = state::read_json::<SimState>(&path)
+            .map_err(|e| DriverError::Internal(format!("reading {}: {e}", path.display())))?
+            .unwrap_or_default();
+        let crash_rate = config.crash_rate_per_min;
+        let inner = Arc::new(Inner {
+            config,
+            path,
+            state: Mutex::new(loaded),
+            events,
+        });
+        if crash_rate > 0.0 {
+            let probability = 1.0 - (-crash_rate * CRASH_TICK.as_secs_f64() / 60.0).exp();
+            tokio::spawn(crash_loop(Arc::downgrade(&inner), probability));
+        }
+        Ok(Self { inner })
+    }
+
+    /// One driver call: simulated latency and faults around the state change `op`.
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(&mut SimState) -> Result<(T, bool), DriverError>,
+    ) -> Result<T, DriverError> {
+        let config = &self.inner.config;
+        let jitter = match config.jitter_ms {
+            0 => 0,
+            j => rand::random_range(0..=j),
+        };
+        let delay = Duration::from_millis(config.latency_ms.saturating_add(jitter));
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if rand::random_bool(config.hang_rate) {
+            tokio::time::sleep(HANG).await;
+            return Err(DriverError::Timeout);
+        }
+        let fail = rand::random_bool(config.error_rate);
+        let fail_after = fail && rand::random_bool(0.5);
+        if fail && !fail_after {
+            return Err(DriverError::Unavailable("injected fault".to_owned()));
+        }
+        let out = self.inner.apply(op)?;
+        if fail_after {
+            return Err(DriverError::Unavailable(
+                "injected fault after the change".to_owned(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+async fn crash_loop(inner: Weak<Inner>, probability: f64) {
+    let mut interval = tokio::time::interval(CRASH_TICK);
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        inner.crash_some(probability);
+    }
+}
+
+impl Driver for SimDriver {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn create(&self, spec: CreateSpec) -> Result<VmInfo, DriverError> {
+        if spec.vcpus == 0 || spec.memory_mb == 0 {
+            return Err(DriverError::Invalid(
+                "vcpus and memory_mb must be positive".to_owned(),
+            ));
+        }
+        let config = &self.inner.config;
+        self.call(|s| {
+            if let Some(vm) = s.vms.get(&spec.sandbox_id) {
+                return Ok((vm.clone(), false));
+            }
+            if let VmSource::Snapshot(id) = &spec.source
+                && !s.snapshots.contains_key(id)
+            {
+                return Err(DriverError::snapshot_not_found(id));
+            }
+            let usage = s.usage(config);
+            let vcpus_free = usage.vcpus_total.saturating_sub(usage.vcpus_used);
+            let memory_free = usage.memory_mb_total.saturating_sub(usage.memory_mb_used);
+            if spec.vcpus > vcpus_free || spec.memory_mb > memory_free {
+                return Err(DriverError::CapacityExhausted(format!(
+                    "asked for {} vcpus / {} MiB, {vcpus_free} / {memory_free} free",
+                    spec.vcpus, spec.memory_mb
+                )));
+            }
+            let vm = VmInfo {
+                sandbox_id: spec.sandbox_id.clone(),
+                state: VmState::Running,
+                vcpus: spec.vcpus,
+                memory_mb: spec.memory_mb,
+                created_at_ms: now_ms(),
+            };
+            s.vms.insert(vm.sandbox_id.clone(), vm.clone());
+            Ok((vm, true))
+        })
+        .await
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<VmInfo, DriverError> {
+        self.call(|s| {
+            let vm = s.vm_mut(sandbox_id)?;
+            match vm.state {
+                VmState::Paused => Ok((vm.clone(), false)),
+                VmState::Running => {
+                    vm.state = VmState::Paused;
+                    Ok((vm.clone(), true))
+                }
+                current => Err(DriverError::WrongState {
+                    current,
+                    wanted: VmState::Running,
+                }),
+            }
+        })
+        .await
+    }
+
+    async fn resume(&self, sandbox_id: &str) -> Result<VmInfo, DriverError> {
+        self.call(|s| {
+            let vm = s.vm_mut(sandbox_id)?;
+            match vm.state {
+                VmState::Running => Ok((vm.clone(), false)),
+                VmState::Paused => {
+                    vm.state = VmState::Running;
+                    Ok((vm.clone(), true))
+                }
+                current => Err(DriverError::WrongState {
+                    current,
+                    wanted: VmState::Paused,
+                }),
+            }
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        sandbox_id: &str,
+        snapshot_id: &str,
+        resume_after: bool,
+    ) -> Result<SnapshotInfo, DriverError> {
+        self.call(|s| {
+            // Checked before the sandbox: a retried snapshot-then-destroy finds its snapshot.
+            if let Some(snap) = s.snapshots.get(snapshot_id) {
+                if snap.sandbox_id != sandbox_id {
+                    return Err(DriverError::Invalid(format!(
+                        "snapshot {snapshot_id} belongs to another sandbox"
+                    )));
+                }
+                return Ok((snap.clone(), false));
+            }
+            let vm = s.vm_mut(sandbox_id)?;
+            if vm.state == VmState::Crashed {
+                return Err(DriverError::WrongState {
+                    current: VmState::Crashed,
+                    wanted: VmState::Running,
+                });
+            }
+            vm.state = if resume_after {
+                VmState::Running
+            } else {
+                VmState::Paused
+            };
+            let snap = SnapshotInfo {
+                snapshot_id: snapshot_id.to_owned(),
+                sandbox_id: sandbox_id.to_owned(),
+                size_bytes: u64::from(vm.memory_mb) * 1024 * 1024,
+                created_at_ms: now_ms(),
+            };
+            s.snapshots.insert(snapshot_id.to_owned(), snap.clone());
+            Ok((snap, true))
+        })
+        .await
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<bool, DriverError> {
+        self.call(|s| {
+            let existed = s.snapshots.remove(snapshot_id).is_some();
+            Ok((existed, existed))
+        })
+        .await
+    }
+
+    async fn destroy(&self, sandbox_id: &str) -> Result<bool, DriverError> {
+        self.call(|s| {
+            let existed = s.vms.remove(sandbox_id).is_some();
+            Ok((existed, existed))
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Inventory, DriverError> {
+        self.call(|s| {
+            let inventory = Inventory {
+                sandboxes: s.vms.values().cloned().collect(),
+                snapshot_ids: s.snapshots.keys().cloned().collect(),
+            };
+            Ok((inventory, false))
+        })
+        .await
+    }
+
+    /// Exempt from injected faults: heartbeats use it, and they should report the agent's
+    /// liveness, not the simulated VMM's flakiness.
+    async fn usage(&self) -> Result<Usage, DriverError> {
+        self.inner
+            .apply(|s| Ok((s.usage(&self.inner.config), false)))
+    }
+
+    async fn exec(
+        &self,
+        _sandbox_id: &str,
+        _request: ExecRequest,
+    ) -> Result<ExecOutput, DriverError> {
+        Err(DriverError::Invalid(
+            "exec is not supported by the sim driver".to_owned(),
+        ))
+    }
+}
+
+#[cfg(test)]
+#[path = "sim_tests.rs"]
+mod tests;
