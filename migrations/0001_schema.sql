@@ -40,9 +40,6 @@ create table hosts (
     -- Placement reserves capacity here atomically, so concurrent creates never overbook.
     vcpus_reserved     integer not null default 0,
     memory_mb_reserved integer not null default 0,
-    vcpus_used         integer not null default 0,
-    memory_mb_used     integer not null default 0,
-    last_heartbeat_at  timestamptz not null default now(),
     created_at         timestamptz not null default now(),
     constraint hosts_name_unique unique (name),
     constraint hosts_status_check check (status in ('healthy', 'unreachable')),
@@ -50,6 +47,14 @@ create table hosts (
         vcpus_reserved >= 0 and memory_mb_reserved >= 0
         and vcpus_reserved <= vcpus_total and memory_mb_reserved <= memory_mb_total
     )
+);
+
+-- Heartbeats live apart from `hosts`, so they never queue behind placement's row locks.
+create table host_heartbeats (
+    host_id           uuid primary key references hosts (id),
+    last_heartbeat_at timestamptz not null default now(),
+    vcpus_used        integer not null default 0,
+    memory_mb_used    integer not null default 0
 );
 
 -- A template is a base image (`image`) or a snapshot held by one host (`snapshot_host_id`).

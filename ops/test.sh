@@ -1,22 +1,47 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, starts a private Postgres and Redis, and runs
-# the formatting and lint checks and every test against them.
-#   ops/test.sh [extra arguments for `cargo test`]
+# ops/test.sh [extra `cargo test` args]   THE test command (CI runs it through .ci/run).
+#
+# Installs missing system packages (ops/install-deps.sh), starts a private Postgres and Redis
+# (ops/with-services.sh, which stops them at the end whatever happens), then, failing fast:
+# cargo fmt --check, clippy with warnings denied, the build of every binary, and the tests
+# (two test threads unless the extra args say otherwise). Queries are checked at compile time
+# against the committed .sqlx/ cache (SQLX_OFFLINE=true), not against the fresh database.
+#   ops/test.sh                            everything
+#   ops/test.sh -p hangar-jobs -- store    one crate, tests matching `store`
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash ops/install-deps.sh
+section() { printf '\n==== %s\n' "$*"; }
 
-# The compile-time checked queries build from the committed `.sqlx/` data.
+if [ -z "${HANGAR_SERVICES_DIR:-}" ]; then
+    section "system packages (ops/install-deps.sh)"
+    bash ops/install-deps.sh
+    command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+    section "services (ops/with-services.sh)"
+    # Runs this script again inside, with the services' URLs in the environment.
+    exec bash ops/with-services.sh bash "${BASH_SOURCE[0]}" "$@"
+fi
+
 export SQLX_OFFLINE=true
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+[ -d .sqlx ] || echo "warning: no .sqlx/ query cache; the build of query! macros will fail (cargo sqlx prepare --workspace)" >&2
 
-echo "==> cargo fmt --check"
-cargo fmt --all --check
-echo "==> cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-echo "==> cargo build"
-cargo build --workspace --bins
+# libtest rejects a repeated --test-threads, so 2 is added only when the args don't set it.
+test_args=("$@")
+case " $* " in
+*" --test-threads"*) ;;
+*" -- "*) test_args+=(--test-threads=2) ;;
+*) test_args+=(-- --test-threads=2) ;;
+esac
 
-echo "==> cargo test"
-bash ops/with-services.sh cargo test --workspace -- --test-threads=2 "$@"
+run() {
+    section "$*"
+    local start=$SECONDS
+    "$@"
+    echo "---- ok ($((SECONDS - start)) s): $*"
+}
+run cargo fmt --all --check
+run cargo clippy --workspace --all-targets -- -D warnings
+run cargo build --workspace --bins
+run cargo test --workspace "${test_args[@]}"
+section "all checks passed"

@@ -80,7 +80,7 @@ impl TryFrom<RegisterBody> for NewHost {
             address: text_field("address", b.address, 255)?,
             driver: text_field("driver", b.driver, 32)?,
             agent_token: text_field("agent_token", b.agent_token, 256)?,
-            vcpus: count_field("vcpus", b.vcpus, 1, 4096)?,
+            vcpus: count_field("vcpus", b.vcpus, 1, 1_000_000)?,
             memory_mb: count_field("memory_mb", b.memory_mb, 128, i64::from(i32::MAX))?,
         })
     }

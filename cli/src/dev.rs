@@ -47,7 +47,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let postgres = match &args.database_url {
         Some(_) => None,
         None => {
-            println!("starting Postgres in {}", data_dir.join("postgres").display());
+            println!(
+                "starting Postgres in {}",
+                data_dir.join("postgres").display()
+            );
             Some(LocalPostgres::start(&data_dir.join("postgres"), free_port()?, true).await?)
         }
     };
@@ -74,13 +77,28 @@ async fn run_services(
     postgres: Option<&LocalPostgres>,
     redis: Option<&LocalRedis>,
 ) -> anyhow::Result<()> {
-    let database_url = args.database_url.clone().or(postgres.map(|p| p.url())).expect("a database");
-    let redis_url = args.redis_url.clone().or(redis.map(|r| r.url())).expect("a redis");
+    let database_url = args
+        .database_url
+        .clone()
+        .or(postgres.map(|p| p.url()))
+        .expect("a database");
+    let redis_url = args
+        .redis_url
+        .clone()
+        .or(redis.map(|r| r.url()))
+        .expect("a redis");
     let pool = connect_postgres(&database_url, 40).await?;
     store::migrate(&pool).await.context("applying migrations")?;
-    let queue = connect_redis(&RedisArgs { redis_url, redis_prefix: "hangar".into() }).await?;
+    let queue = connect_redis(&RedisArgs {
+        redis_url,
+        redis_prefix: "hangar".into(),
+    })
+    .await?;
 
-    let admin_key = args.admin_key.clone().unwrap_or_else(|| hangar_jobs::keys::mint_api_key().secret);
+    let admin_key = args
+        .admin_key
+        .clone()
+        .unwrap_or_else(|| hangar_jobs::keys::mint_api_key().secret);
     hangar_api::ensure_admin_key(&pool, &admin_key).await?;
     let join_token = hangar_jobs::keys::random_hex(16);
 
@@ -97,7 +115,10 @@ async fn run_services(
     let state = hangar_api::AppState::new(pool.clone(), queue.clone(), config).await?;
     let api = tokio::spawn(hangar_api::serve(listener, state, stopped(stop_rx.clone())));
 
-    let worker_config = hangar_worker::WorkerConfig { name: Some(format!("dev-{}", hangar_jobs::keys::random_hex(3))), ..Default::default() };
+    let worker_config = hangar_worker::WorkerConfig {
+        name: Some(format!("dev-{}", hangar_jobs::keys::random_hex(3))),
+        ..Default::default()
+    };
     let worker = tokio::spawn(hangar_worker::run(
         hangar_worker::context(pool.clone(), queue.clone(), worker_config),
         stop_rx.clone(),
@@ -111,7 +132,9 @@ async fn run_services(
     println!("Hangar is running (driver: sim).");
     println!("  API:        {url}");
     println!("  admin key:  {admin_key}");
-    println!("  try:        curl -s -X POST {url}/v1/capsules -H 'Authorization: Bearer {admin_key}' -H 'Content-Type: application/json' -d '{{}}'");
+    println!(
+        "  try:        curl -s -X POST {url}/v1/capsules -H 'Authorization: Bearer {admin_key}' -H 'Content-Type: application/json' -d '{{}}'"
+    );
     println!("Press Ctrl-C to stop.");
 
     shutdown_signal().await;
@@ -129,7 +152,11 @@ async fn run_services(
 }
 
 /// The in-process agent: the `sim` driver, its state under the data folder.
-fn agent_config(args: &DevArgs, data_dir: &std::path::Path, join_token: &str) -> hangar_agent::AgentConfig {
+fn agent_config(
+    args: &DevArgs,
+    data_dir: &std::path::Path,
+    join_token: &str,
+) -> hangar_agent::AgentConfig {
     hangar_agent::AgentConfig {
         listen: args.agent_listen,
         advertise_url: None,

@@ -4,7 +4,6 @@ mod dev;
 mod local_services;
 mod telemetry;
 
-
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hangar_jobs::queue::JobQueue;
@@ -13,10 +12,19 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "hangar", version, about = "Control plane for microVM sandboxes (capsules)")]
+#[command(
+    name = "hangar",
+    version,
+    about = "Control plane for microVM sandboxes (capsules)"
+)]
 struct Cli {
     /// Log format: `human` or `json`.
-    #[arg(long, global = true, env = "HANGAR_LOG_FORMAT", default_value = "human")]
+    #[arg(
+        long,
+        global = true,
+        env = "HANGAR_LOG_FORMAT",
+        default_value = "human"
+    )]
     log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -134,7 +142,10 @@ pub async fn connect_redis(args: &RedisArgs) -> anyhow::Result<JobQueue> {
     let queue = JobQueue::connect(&args.redis_url, &args.redis_prefix)
         .await
         .context("connecting to Redis (check --redis-url)")?;
-    queue.ensure_groups().await.context("creating the job streams")?;
+    queue
+        .ensure_groups()
+        .await
+        .context("creating the job streams")?;
     Ok(queue)
 }
 

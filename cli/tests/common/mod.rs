@@ -25,7 +25,11 @@ pub struct Cluster {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Cluster {
@@ -37,7 +41,8 @@ impl Cluster {
     /// Like [`Cluster::start`], with extra environment for the API process.
     pub async fn start_with(api_env: &[(&str, &str)]) -> Cluster {
         let env = TestEnv::new().await;
-        let dir = std::env::temp_dir().join(format!("hangar-e2e-{}", hangar_jobs::keys::random_hex(4)));
+        let dir =
+            std::env::temp_dir().join(format!("hangar-e2e-{}", hangar_jobs::keys::random_hex(4)));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
         let mut cluster = Cluster {
@@ -47,7 +52,11 @@ impl Cluster {
             dir,
             children: HashMap::new(),
         };
-        cluster.spawn("api", &["api", "--listen", &format!("127.0.0.1:{port}")], api_env);
+        cluster.spawn(
+            "api",
+            &["api", "--listen", &format!("127.0.0.1:{port}")],
+            api_env,
+        );
         cluster
             .wait_until("the API answers", Duration::from_secs(30), |c| {
                 Box::pin(async move {
@@ -91,18 +100,31 @@ impl Cluster {
     pub async fn spawn_agent(&mut self, name: &str, extra_env: &[(&str, &str)]) {
         let state = self.dir.join(format!("state-{name}"));
         let listen = format!("127.0.0.1:{}", free_port());
-        let args = ["agent", "--listen", &listen, "--host-name", name, "--state-dir", state.to_str().unwrap()];
+        let args = [
+            "agent",
+            "--listen",
+            &listen,
+            "--host-name",
+            name,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
         self.spawn(name, &args, extra_env);
         let name = name.to_owned();
-        self.wait_until("the agent registers and heartbeats", Duration::from_secs(30), |c| {
-            let name = name.clone();
-            Box::pin(async move {
-                let hosts = c.admin_get("/v1/admin/hosts").await;
-                hosts["hosts"].as_array().is_some_and(|hs| {
-                    hs.iter().any(|h| h["name"] == name.as_str() && h["status"] == "healthy")
+        self.wait_until(
+            "the agent registers and heartbeats",
+            Duration::from_secs(30),
+            |c| {
+                let name = name.clone();
+                Box::pin(async move {
+                    let hosts = c.admin_get("/v1/admin/hosts").await;
+                    hosts["hosts"].as_array().is_some_and(|hs| {
+                        hs.iter()
+                            .any(|h| h["name"] == name.as_str() && h["status"] == "healthy")
+                    })
                 })
-            })
-        })
+            },
+        )
         .await;
     }
 
@@ -117,7 +139,12 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.api_url))
@@ -146,14 +173,17 @@ impl Cluster {
     }
 
     pub async fn create_capsule(&self, template: &str) -> (String, String) {
-        self.accepted("/v1/capsules", json!({ "template": template })).await
+        self.accepted("/v1/capsules", json!({ "template": template }))
+            .await
     }
 
     /// Long-polls an operation until it is terminal (the API's `?wait=`).
     pub async fn wait_operation(&self, op: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let body = self.admin_get(&format!("/v1/operations/{op}?wait=30")).await;
+            let body = self
+                .admin_get(&format!("/v1/operations/{op}?wait=30"))
+                .await;
             let status = body["status"].as_str().unwrap_or_default().to_owned();
             if ["succeeded", "failed", "cancelled"].contains(&status.as_str()) {
                 return body;
@@ -182,9 +212,17 @@ impl Cluster {
     pub async fn sandboxes_on(&self, host_name: &str) -> Vec<String> {
         let mut conn = self.env.pool.acquire().await.unwrap();
         let hosts = hangar_jobs::store::hosts::list(&mut conn).await.unwrap();
-        let host = hosts.into_iter().find(|h| h.name == host_name).expect("host registered");
-        let channel = tonic::transport::Endpoint::from_shared(host.address).unwrap().connect().await.unwrap();
-        let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", host.agent_token).parse().unwrap();
+        let host = hosts
+            .into_iter()
+            .find(|h| h.name == host_name)
+            .expect("host registered");
+        let channel = tonic::transport::Endpoint::from_shared(host.address)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", host.agent_token).parse().unwrap();
         let mut client = hangar_proto::host_agent_client::HostAgentClient::with_interceptor(
             channel,
             move |mut req: tonic::Request<()>| {
@@ -192,7 +230,11 @@ impl Cluster {
                 Ok(req)
             },
         );
-        let list = client.list_sandboxes(hangar_proto::ListSandboxesRequest {}).await.unwrap().into_inner();
+        let list = client
+            .list_sandboxes(hangar_proto::ListSandboxesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         list.sandboxes.into_iter().map(|s| s.sandbox_id).collect()
     }
 }

@@ -1,7 +1,7 @@
 //! Hosts: registration, heartbeats, health, and capacity reservations for placement.
 
 use super::{Host, PgConnection, StoreResult};
-use crate::ids::HostId;
+use crate::ids::{CapsuleId, HostId};
 
 pub struct Registration<'a> {
     pub name: &'a str,
@@ -23,8 +23,7 @@ pub async fn register(conn: &mut PgConnection, r: Registration<'_>) -> StoreResu
              set address = excluded.address, driver = excluded.driver,
                  token_hash = excluded.token_hash, agent_token = excluded.agent_token,
                  vcpus_total = greatest(excluded.vcpus_total, hosts.vcpus_reserved),
-                 memory_mb_total = greatest(excluded.memory_mb_total, hosts.memory_mb_reserved),
-                 last_heartbeat_at = now()
+                 memory_mb_total = greatest(excluded.memory_mb_total, hosts.memory_mb_reserved)
            returning id as "id: HostId""#,
         HostId::new().0,
         r.name,
@@ -35,7 +34,14 @@ pub async fn register(conn: &mut PgConnection, r: Registration<'_>) -> StoreResu
         r.vcpus,
         r.memory_mb,
     )
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "insert into host_heartbeats (host_id) values ($1)
+         on conflict (host_id) do update set last_heartbeat_at = now()",
+        id.0,
+    )
+    .execute(conn)
     .await?;
     Ok(id)
 }
@@ -54,28 +60,34 @@ pub struct Usage {
 }
 
 /// Records a heartbeat. Returns whether the host had been `unreachable` (it came back).
+/// Touches the `hosts` row only in that rare case, so heartbeats never wait on placement.
 pub async fn heartbeat(conn: &mut PgConnection, id: HostId, usage: Usage) -> StoreResult<bool> {
-    let was_unreachable = sqlx::query_scalar!(
-        r#"update hosts h set last_heartbeat_at = now(), status = 'healthy',
-                  vcpus_used = $2, memory_mb_used = $3
-           from hosts old where h.id = $1 and old.id = h.id
-           returning old.status = 'unreachable' as "was_unreachable!""#,
+    sqlx::query!(
+        "update host_heartbeats set last_heartbeat_at = now(), vcpus_used = $2, memory_mb_used = $3
+         where host_id = $1",
         id.0,
         usage.vcpus_used,
         usage.memory_mb_used,
     )
-    .fetch_optional(conn)
+    .execute(&mut *conn)
     .await?;
-    Ok(was_unreachable.unwrap_or(false))
+    let back = sqlx::query!(
+        "update hosts set status = 'healthy' where id = $1 and status = 'unreachable'",
+        id.0,
+    )
+    .execute(conn)
+    .await?;
+    Ok(back.rows_affected() == 1)
 }
 
 pub async fn get(conn: &mut PgConnection, id: HostId) -> StoreResult<Option<Host>> {
     let host = sqlx::query_as!(
         Host,
-        r#"select id as "id: HostId", name, address, driver, status, cordoned, vcpus_total,
-                  memory_mb_total, vcpus_reserved, memory_mb_reserved, vcpus_used,
-                  memory_mb_used, last_heartbeat_at, created_at, agent_token
-           from hosts where id = $1"#,
+        r#"select h.id as "id: HostId", h.name, h.address, h.driver, h.status, h.cordoned,
+                  h.vcpus_total, h.memory_mb_total, h.vcpus_reserved, h.memory_mb_reserved,
+                  hb.vcpus_used, hb.memory_mb_used, hb.last_heartbeat_at, h.created_at,
+                  h.agent_token
+           from hosts h join host_heartbeats hb on hb.host_id = h.id where h.id = $1"#,
         id.0,
     )
     .fetch_optional(conn)
@@ -86,10 +98,11 @@ pub async fn get(conn: &mut PgConnection, id: HostId) -> StoreResult<Option<Host
 pub async fn list(conn: &mut PgConnection) -> StoreResult<Vec<Host>> {
     let hosts = sqlx::query_as!(
         Host,
-        r#"select id as "id: HostId", name, address, driver, status, cordoned, vcpus_total,
-                  memory_mb_total, vcpus_reserved, memory_mb_reserved, vcpus_used,
-                  memory_mb_used, last_heartbeat_at, created_at, agent_token
-           from hosts order by name"#,
+        r#"select h.id as "id: HostId", h.name, h.address, h.driver, h.status, h.cordoned,
+                  h.vcpus_total, h.memory_mb_total, h.vcpus_reserved, h.memory_mb_reserved,
+                  hb.vcpus_used, hb.memory_mb_used, hb.last_heartbeat_at, h.created_at,
+                  h.agent_token
+           from hosts h join host_heartbeats hb on hb.host_id = h.id order by h.name"#,
     )
     .fetch_all(conn)
     .await?;
@@ -118,8 +131,10 @@ pub async fn mark_silent_unreachable(
 ) -> StoreResult<Vec<HostId>> {
     let ids = sqlx::query_scalar!(
         r#"update hosts set status = 'unreachable'
-           where status = 'healthy' and last_heartbeat_at < now() - make_interval(secs => $1)
-           returning id as "id: HostId""#,
+           from host_heartbeats hb
+           where hb.host_id = hosts.id and hosts.status = 'healthy'
+             and hb.last_heartbeat_at < now() - make_interval(secs => $1)
+           returning hosts.id as "id: HostId""#,
         silent_secs,
     )
     .fetch_all(conn)
@@ -127,30 +142,39 @@ pub async fn mark_silent_unreachable(
     Ok(ids)
 }
 
-/// Reserves room for a capsule on the healthy, uncordoned host with the most free vCPUs
-/// (or on `only` when the template's snapshot lives there). The check and the increment
-/// are one statement on a locked row, so concurrent creates never overbook a host.
-pub async fn reserve(
+/// Places a capsule: reserves room on the healthy, uncordoned host with the most free
+/// vCPUs (or on `only`, when the template's snapshot lives there) and records the host on
+/// the capsule, once. One statement, so the host row is locked only for its duration: the
+/// capacity check and the increment happen on the locked row, and concurrent creates never
+/// overbook a host. Returns the capsule's host, or `None` when no host has room.
+pub async fn place(
     conn: &mut PgConnection,
+    capsule: CapsuleId,
     vcpus: i32,
     memory_mb: i32,
     only: Option<HostId>,
 ) -> StoreResult<Option<HostId>> {
     let id = sqlx::query_scalar!(
-        r#"update hosts set vcpus_reserved = vcpus_reserved + $1,
-                            memory_mb_reserved = memory_mb_reserved + $2
-           where id = (
-               select id from hosts
-               where status = 'healthy' and not cordoned
-                 and vcpus_total - vcpus_reserved >= $1
-                 and memory_mb_total - memory_mb_reserved >= $2
-                 and ($3::uuid is null or id = $3)
-               order by vcpus_total - vcpus_reserved desc, id
-               limit 1
-               for update)
-             and vcpus_total - vcpus_reserved >= $1
-             and memory_mb_total - memory_mb_reserved >= $2
-           returning id as "id: HostId""#,
+        r#"with chosen as (
+               update hosts set vcpus_reserved = vcpus_reserved + $2,
+                                memory_mb_reserved = memory_mb_reserved + $3
+               where id = (
+                   select id from hosts
+                   where status = 'healthy' and not cordoned
+                     and vcpus_total - vcpus_reserved >= $2
+                     and memory_mb_total - memory_mb_reserved >= $3
+                     and ($4::uuid is null or id = $4)
+                     and exists (select 1 from capsules where id = $1 and host_id is null)
+                   order by vcpus_total - vcpus_reserved desc, id
+                   limit 1
+                   for update)
+                 and vcpus_total - vcpus_reserved >= $2
+                 and memory_mb_total - memory_mb_reserved >= $3
+               returning id)
+           update capsules set host_id = chosen.id, updated_at = now()
+           from chosen where capsules.id = $1 and capsules.host_id is null
+           returning chosen.id as "id: HostId""#,
+        capsule.0,
         vcpus,
         memory_mb,
         only.map(|h| h.0),

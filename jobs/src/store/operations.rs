@@ -284,12 +284,14 @@ pub async fn finish(
 }
 
 /// Unfinished operations whose job may not be on Redis: never pushed (the push after
-/// commit failed, or the process died first), pushed long ago without a claim, or held
-/// under a lease that expired (the worker died).
+/// commit failed, or the process died first), or held under a lease that expired (the
+/// worker died). With `stale_kinds`, also those of these kinds pushed longer than
+/// `stale_after_secs` ago and still unclaimed (Redis lost entries of those streams).
 pub async fn needing_push(
     conn: &mut PgConnection,
     unpushed_after_secs: f64,
     stale_after_secs: f64,
+    stale_kinds: &[&str],
     limit: i64,
 ) -> StoreResult<Vec<(OperationKind, OperationId)>> {
     let rows = sqlx::query!(
@@ -297,18 +299,31 @@ pub async fn needing_push(
            where status in ('queued', 'running', 'retrying')
              and ((status = 'queued' and pushed_at is null
                    and created_at < now() - make_interval(secs => $1))
-               or (status = 'queued' and pushed_at < now() - make_interval(secs => $2))
+               or (status = 'queued' and kind = any($3)
+                   and pushed_at < now() - make_interval(secs => $2))
                or (status in ('running', 'retrying') and lease_expires_at < now()
                    and (pushed_at is null
                         or pushed_at < greatest(lease_expires_at, now() - make_interval(secs => $2)))))
-           order by created_at limit $3"#,
+           order by created_at limit $4"#,
         unpushed_after_secs,
         stale_after_secs,
+        stale_kinds as &[&str],
         limit,
     )
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|r| (r.kind, r.id)).collect())
+}
+
+/// Unfinished operations per kind (to compare with what the job streams hold).
+pub async fn unfinished_by_kind(conn: &mut PgConnection) -> StoreResult<Vec<(OperationKind, i64)>> {
+    let rows = sqlx::query!(
+        r#"select kind as "kind: OperationKind", count(*) as "count!" from operations
+           where status in ('queued', 'running', 'retrying') group by kind"#
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.kind, r.count)).collect())
 }
 
 /// Operations per status, for metrics and the dashboard.

@@ -1,7 +1,7 @@
 //! `create`: place the capsule on a host (reserving room atomically), create its sandbox
 //! on that host's agent, and mark it running.
 
-use hangar_jobs::store::{self, Capsule, Operation, capsules, tenancy};
+use hangar_jobs::store::{self, Capsule, Operation, tenancy};
 use hangar_jobs::{CapsuleStatus, HostId};
 use hangar_proto::CreateSandboxRequest;
 use serde_json::json;
@@ -60,23 +60,26 @@ async fn place(
     if capsule.host_id.is_some() {
         return Ok(capsule);
     }
-    let mut tx = ctx.pool.begin().await?;
-    let Some(host) = store::hosts::reserve(&mut tx, capsule.vcpus, capsule.memory_mb, only).await?
-    else {
-        return Err(JobError::Permanent {
+    let mut conn = ctx.pool.acquire().await?;
+    match store::hosts::place(
+        &mut conn,
+        capsule.id,
+        capsule.vcpus,
+        capsule.memory_mb,
+        only,
+    )
+    .await?
+    {
+        Some(host) => Ok(Capsule {
+            host_id: Some(host),
+            ..capsule
+        }),
+        None => Err(JobError::Permanent {
             code: "capacity_unavailable",
             message: format!(
                 "no healthy host has room for {} vCPUs and {} MiB",
                 capsule.vcpus, capsule.memory_mb
             ),
-        });
-    };
-    if !capsules::assign_host(&mut tx, capsule.id, host).await? {
-        return Err(JobError::Stale("capsule was placed concurrently".into()));
+        }),
     }
-    tx.commit().await?;
-    Ok(Capsule {
-        host_id: Some(host),
-        ..capsule
-    })
 }
