@@ -107,7 +107,9 @@ struct EventsBody {
 #[serde(deny_unknown_fields)]
 struct HostEvent {
     event_id: uuid::Uuid,
-    sandbox_id: CapsuleId,
+    /// Kept as text: a report about a sandbox that is no capsule is acknowledged and
+    /// skipped, so it can never block the agent's delivery of the reports behind it.
+    sandbox_id: String,
     kind: HostEventKind,
     #[serde(default)]
     message: String,
@@ -198,8 +200,12 @@ async fn events(
         if !hosts::record_host_event(&mut tx, host, event.event_id).await? {
             continue;
         }
-        let Some(capsule) = capsules::get(&mut tx, None, event.sandbox_id).await? else {
-            tracing::warn!(host_id = %host, capsule_id = %event.sandbox_id, "report about an unknown capsule");
+        let Ok(capsule_id) = event.sandbox_id.parse::<CapsuleId>() else {
+            tracing::warn!(host_id = %host, sandbox_id = %event.sandbox_id.chars().take(80).collect::<String>(), "report about a sandbox that is no capsule");
+            continue;
+        };
+        let Some(capsule) = capsules::get(&mut tx, None, capsule_id).await? else {
+            tracing::warn!(host_id = %host, %capsule_id, "report about an unknown capsule");
             continue;
         };
         if capsule.host_id != Some(host) {

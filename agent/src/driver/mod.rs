@@ -5,6 +5,7 @@
 //! whose answer it never saw.
 
 pub mod sim;
+mod sim_journal;
 
 use std::future::Future;
 use std::time::Duration;

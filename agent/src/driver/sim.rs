@@ -1,18 +1,16 @@
 //! The simulated driver: in-memory VMs with configurable latency and injected faults, persisted
-//! to `<state_dir>/sim.json` so a killed agent comes back with its sandboxes.
+//! to `<state_dir>` (a snapshot plus a journal, see `sim_journal`) so a killed agent comes
+//! back with its sandboxes.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+use super::sim_journal::{Journal, Records, Touched};
 use super::{
     CreateSpec, Driver, DriverError, DriverEvent, EventKind, EventSender, ExecOutput, ExecRequest,
     Inventory, SnapshotInfo, Usage, VmInfo, VmSource, VmState, now_ms,
 };
-use crate::state;
 
 /// How often running VMs roll the dice for a crash.
 const CRASH_TICK: Duration = Duration::from_millis(200);
@@ -36,13 +34,44 @@ pub struct SimConfig {
     pub crash_rate_per_min: f64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The records, and which of them the change under way touched (journaled after it).
+#[derive(Debug, Default)]
 struct SimState {
-    vms: BTreeMap<String, VmInfo>,
-    snapshots: BTreeMap<String, SnapshotInfo>,
+    records: Records,
+    touched: Vec<Touched>,
+}
+
+impl std::ops::Deref for SimState {
+    type Target = Records;
+    fn deref(&self) -> &Records {
+        &self.records
+    }
 }
 
 impl SimState {
+    fn insert_vm(&mut self, vm: VmInfo) {
+        self.touched.push(Touched::Vm(vm.sandbox_id.clone()));
+        self.records.vms.insert(vm.sandbox_id.clone(), vm);
+    }
+
+    fn remove_vm(&mut self, sandbox_id: &str) -> bool {
+        self.touched.push(Touched::Vm(sandbox_id.to_owned()));
+        self.records.vms.remove(sandbox_id).is_some()
+    }
+
+    fn insert_snapshot(&mut self, snapshot: SnapshotInfo) {
+        self.touched
+            .push(Touched::Snapshot(snapshot.snapshot_id.clone()));
+        self.records
+            .snapshots
+            .insert(snapshot.snapshot_id.clone(), snapshot);
+    }
+
+    fn remove_snapshot(&mut self, snapshot_id: &str) -> bool {
+        self.touched.push(Touched::Snapshot(snapshot_id.to_owned()));
+        self.records.snapshots.remove(snapshot_id).is_some()
+    }
+
     /// Crashed VMs hold no resources (their process is gone); paused ones keep their memory.
     fn usage(&self, config: &SimConfig) -> Usage {
         let live = self.vms.values().filter(|vm| vm.state != VmState::Crashed);
@@ -59,7 +88,9 @@ impl SimState {
     }
 
     fn vm_mut(&mut self, sandbox_id: &str) -> Result<&mut VmInfo, DriverError> {
-        self.vms
+        self.touched.push(Touched::Vm(sandbox_id.to_owned()));
+        self.records
+            .vms
             .get_mut(sandbox_id)
             .ok_or_else(|| DriverError::sandbox_not_found(sandbox_id))
     }
@@ -67,8 +98,9 @@ impl SimState {
 
 struct Inner {
     config: SimConfig,
-    path: PathBuf,
+    /// The journal is locked only while the state lock is held, so lines land in order.
     state: Mutex<SimState>,
+    journal: Mutex<Journal>,
     events: EventSender,
 }
 
@@ -80,11 +112,13 @@ impl Inner {
         op: impl FnOnce(&mut SimState) -> Result<(T, bool), DriverError>,
     ) -> Result<T, DriverError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.touched.clear();
         let (out, changed) = op(&mut state)?;
         if changed {
-            state::write_json(&self.path, &*state).map_err(|e| {
-                DriverError::Internal(format!("writing {}: {e}", self.path.display()))
-            })?;
+            let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal
+                .append(&state.records, &state.touched)
+                .map_err(|e| DriverError::Internal(format!("writing the sim journal: {e}")))?;
         }
         Ok(out)
     }
@@ -92,12 +126,13 @@ impl Inner {
     fn crash_some(&self, probability: f64) {
         let crashed = self.apply(|s| {
             let mut crashed = Vec::new();
-            for vm in s.vms.values_mut() {
+            for vm in s.records.vms.values_mut() {
                 if vm.state == VmState::Running && rand::random_bool(probability) {
                     vm.state = VmState::Crashed;
                     crashed.push(vm.sandbox_id.clone());
                 }
             }
+            s.touched.extend(crashed.iter().cloned().map(Touched::Vm));
             let changed = !crashed.is_empty();
             Ok((crashed, changed))
         });
@@ -145,16 +180,21 @@ impl SimDriver {
                 "sim crash rate must be >= 0".to_owned(),
             ));
         }
-        let path = config.state_dir.join("sim.json");
         // A corrupt file is an error, not an empty host: starting empty would orphan every VM.
-        let loaded = state::read_json::<SimState>(&path)
-            .map_err(|e| DriverError::Internal(format!("reading {}: {e}", path.display())))?
-            .unwrap_or_default();
+        let (records, journal) = Journal::open(&config.state_dir).map_err(|e| {
+            DriverError::Internal(format!(
+                "loading the sim state in {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
         let crash_rate = config.crash_rate_per_min;
         let inner = Arc::new(Inner {
             config,
-            path,
-            state: Mutex::new(loaded),
+            state: Mutex::new(SimState {
+                records,
+                touched: Vec::new(),
+            }),
+            journal: Mutex::new(journal),
             events,
         });
         if crash_rate > 0.0 {
@@ -243,7 +283,7 @@ impl Driver for SimDriver {
                 memory_mb: spec.memory_mb,
                 created_at_ms: now_ms(),
             };
-            s.vms.insert(vm.sandbox_id.clone(), vm.clone());
+            s.insert_vm(vm.clone());
             Ok((vm, true))
         })
         .await
@@ -319,7 +359,7 @@ impl Driver for SimDriver {
                 size_bytes: u64::from(vm.memory_mb) * 1024 * 1024,
                 created_at_ms: now_ms(),
             };
-            s.snapshots.insert(snapshot_id.to_owned(), snap.clone());
+            s.insert_snapshot(snap.clone());
             Ok((snap, true))
         })
         .await
@@ -327,7 +367,7 @@ impl Driver for SimDriver {
 
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<bool, DriverError> {
         self.call(|s| {
-            let existed = s.snapshots.remove(snapshot_id).is_some();
+            let existed = s.remove_snapshot(snapshot_id);
             Ok((existed, existed))
         })
         .await
@@ -335,7 +375,7 @@ impl Driver for SimDriver {
 
     async fn destroy(&self, sandbox_id: &str) -> Result<bool, DriverError> {
         self.call(|s| {
-            let existed = s.vms.remove(sandbox_id).is_some();
+            let existed = s.remove_vm(sandbox_id);
             Ok((existed, existed))
         })
         .await

@@ -66,6 +66,8 @@ async fn events_become_host_event_jobs_once() {
         // Not on this host, and unknown: skipped.
         {"event_id": uuid::Uuid::new_v4(), "sandbox_id": elsewhere, "kind": "exited", "message": "", "at_ms": 1},
         {"event_id": uuid::Uuid::new_v4(), "sandbox_id": hangar_jobs::CapsuleId::new(), "kind": "auto_paused", "at_ms": 1},
+        // No capsule id at all: acknowledged and skipped, never blocking the batch.
+        {"event_id": uuid::Uuid::new_v4(), "sandbox_id": "vm-1", "kind": "crashed", "at_ms": 1},
     ]});
     let path = format!("/v1/hosts/{host}/events");
     let r = app.post_json(&path, &token, body.clone()).await;

@@ -203,13 +203,6 @@ async fn bad_host_requests_change_nothing() {
             event(&cap, "rebooted"),
             "invalid_json",
         ),
-        bad(
-            POST,
-            format!("/v1/hosts/{host_a}/events"),
-            t,
-            event("vm-1", "crashed"),
-            "invalid_json",
-        ),
         bad(POST, "/v1/hosts/h1/heartbeat", t, hb, "invalid_id"),
     ];
     run(&app, cases).await;
