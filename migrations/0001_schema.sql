@@ -120,8 +120,10 @@ create table operations (
     step            text,
     params          jsonb not null default '{}',
     result          jsonb,
-    -- Set once the job is on Redis; the reconciler re-pushes queued rows where it is missing.
+    -- Set once the job is on Redis, with the Redis epoch it was pushed in (see `queue.rs`);
+    -- the reconciler re-pushes rows never pushed, or pushed into an epoch Redis lost.
     pushed_at       timestamptz,
+    pushed_epoch    text,
     lease_owner     text,
     lease_expires_at timestamptz,
     created_at      timestamptz not null default now(),

@@ -15,14 +15,22 @@ pub async fn push_committed(
     queue: &JobQueue,
     jobs: &[(OperationKind, OperationId)],
 ) -> bool {
-    if let Err(error) = queue.push_many(jobs).await {
-        warn!(%error, count = jobs.len(), "job push failed; the reconciler will push it");
-        return false;
+    if jobs.is_empty() {
+        return true;
     }
+    let epoch = match queue.push_many(jobs).await {
+        Ok(epoch) => epoch,
+        Err(error) => {
+            warn!(%error, count = jobs.len(), "job push failed; the reconciler will push it");
+            return false;
+        }
+    };
     let ids: Vec<_> = jobs.iter().map(|(_, id)| id.0).collect();
     match pool.acquire().await {
         Ok(mut conn) => {
-            if let Err(error) = store::operations::mark_pushed(&mut conn, &ids).await {
+            if let Err(error) =
+                store::operations::mark_pushed(&mut conn, &ids, epoch.as_deref()).await
+            {
                 // Harmless: the reconciler may push a duplicate, which finds it claimed.
                 warn!(%error, "could not record the push");
             }

@@ -68,8 +68,9 @@ impl JobQueue {
         self.conn.clone()
     }
 
-    /// Creates every stream and its consumer group if missing (idempotent).
+    /// Creates the epoch, every stream and its consumer group if missing (idempotent).
     pub async fn ensure_groups(&self) -> RedisResult<()> {
+        self.epoch().await?;
         let mut conn = self.conn.clone();
         for kind in OperationKind::ALL {
             let created: RedisResult<()> = conn
@@ -81,6 +82,25 @@ impl JobQueue {
             }
         }
         Ok(())
+    }
+
+    /// The current Redis epoch: a random value stored in Redis the first time it is asked
+    /// for. Redis that lost its data (restarted without persistence, flushed) comes back
+    /// without it and gets a new one, which tells the reconciler that every job pushed in
+    /// the old epoch is gone and must be pushed again.
+    pub async fn epoch(&self) -> RedisResult<String> {
+        let key = format!("{}:epoch", self.prefix);
+        let mut conn = self.conn.clone();
+        let (epoch,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(crate::keys::random_hex(8))
+            .arg("NX")
+            .ignore()
+            .get(&key)
+            .query_async(&mut conn)
+            .await?;
+        Ok(epoch)
     }
 
     /// Pushes one job for `operation_id`.
@@ -96,18 +116,22 @@ impl JobQueue {
         Ok(())
     }
 
-    /// Pushes many jobs in one round trip.
-    pub async fn push_many(&self, jobs: &[(OperationKind, OperationId)]) -> RedisResult<()> {
-        if jobs.is_empty() {
-            return Ok(());
-        }
+    /// Pushes many jobs in one round trip (atomically); returns the epoch they were pushed
+    /// in (`None` if Redis has none yet: the reconciler's next tick creates it and pushes
+    /// them again).
+    pub async fn push_many(
+        &self,
+        jobs: &[(OperationKind, OperationId)],
+    ) -> RedisResult<Option<String>> {
         let mut pipe = redis::pipe();
+        pipe.atomic().get(format!("{}:epoch", self.prefix));
         for (kind, id) in jobs {
             pipe.xadd(self.stream_key(*kind), "*", &[(OP_FIELD, id.to_string())])
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.query_async(&mut conn).await
+        let (epoch,): (Option<String>,) = pipe.query_async(&mut conn).await?;
+        Ok(epoch)
     }
 
     /// Acknowledges and deletes an entry: its job is settled in Postgres. Goes over the

@@ -55,9 +55,6 @@ pub struct WorkerConfig {
     /// A settled capsule whose VM is missing this long goes to `error`.
     #[arg(long, env = "HANGAR_MISSING_GRACE_SECS", default_value_t = 10.0)]
     pub missing_grace_secs: f64,
-    /// A queued job not claimed this long after its push is pushed again.
-    #[arg(long, env = "HANGAR_REPUSH_AFTER_SECS", default_value_t = 60.0)]
-    pub repush_after_secs: f64,
     /// How long shutdown waits for running jobs.
     #[arg(long, env = "HANGAR_SHUTDOWN_GRACE_SECS", default_value_t = 30.0)]
     pub shutdown_grace_secs: f64,

@@ -101,23 +101,18 @@ pub async fn tick(ctx: &JobContext) -> Result<Repairs, StoreError> {
     Ok(repairs)
 }
 
-/// The outbox: operations whose push was lost, or whose worker died, go back on Redis.
-/// Queued operations long unclaimed are pushed again only for streams that hold fewer
-/// entries than there are unfinished operations of their kind (Redis lost some), so a
-/// healthy backlog is never duplicated.
+/// The outbox: operations whose push was lost, whose worker died, or whose job Redis lost
+/// (a new epoch) go back on Redis. A healthy backlog is never pushed twice.
 async fn push_lost_jobs(ctx: &JobContext, repairs: &mut Repairs) -> Result<(), StoreError> {
-    let mut conn = ctx.pool.acquire().await?;
-    let mut lossy = Vec::new();
-    for (kind, unfinished) in operations::unfinished_by_kind(&mut conn).await? {
-        match ctx.queue.depth(kind).await {
-            Ok(depth) if (depth as i64) < unfinished => lossy.push(kind.as_str()),
-            Ok(_) => {}
-            Err(error) => warn!(%error, %kind, "cannot read the stream length"),
+    let epoch = match ctx.queue.epoch().await {
+        Ok(epoch) => epoch,
+        Err(error) => {
+            warn!(%error, "Redis unavailable; lost jobs are pushed once it is back");
+            return Ok(());
         }
-    }
-    let lost =
-        operations::needing_push(&mut conn, 1.0, ctx.config.repush_after_secs, &lossy, 5_000)
-            .await?;
+    };
+    let mut conn = ctx.pool.acquire().await?;
+    let lost = operations::needing_push(&mut conn, 1.0, &epoch, 5_000).await?;
     drop(conn);
     if !lost.is_empty() && enqueue::push_committed(&ctx.pool, &ctx.queue, &lost).await {
         repairs.pushed += lost.len();

@@ -141,11 +141,16 @@ pub async fn destroy_in_flight(
     Ok(id)
 }
 
-/// Records that these operations' jobs are on Redis.
-pub async fn mark_pushed(conn: &mut PgConnection, ids: &[uuid::Uuid]) -> StoreResult<()> {
+/// Records that these operations' jobs are on Redis, pushed in `epoch`.
+pub async fn mark_pushed(
+    conn: &mut PgConnection,
+    ids: &[uuid::Uuid],
+    epoch: Option<&str>,
+) -> StoreResult<()> {
     sqlx::query!(
-        "update operations set pushed_at = now() where id = any($1)",
-        ids
+        "update operations set pushed_at = now(), pushed_epoch = $2 where id = any($1)",
+        ids,
+        epoch,
     )
     .execute(conn)
     .await?;
@@ -284,46 +289,30 @@ pub async fn finish(
 }
 
 /// Unfinished operations whose job may not be on Redis: never pushed (the push after
-/// commit failed, or the process died first), or held under a lease that expired (the
-/// worker died). With `stale_kinds`, also those of these kinds pushed longer than
-/// `stale_after_secs` ago and still unclaimed (Redis lost entries of those streams).
+/// commit failed, or the process died first) for longer than `unpushed_after_secs`; pushed
+/// in another Redis epoch than `epoch` (Redis lost its data since); or held under a lease
+/// that expired (the worker died) and not pushed again since.
 pub async fn needing_push(
     conn: &mut PgConnection,
     unpushed_after_secs: f64,
-    stale_after_secs: f64,
-    stale_kinds: &[&str],
+    epoch: &str,
     limit: i64,
 ) -> StoreResult<Vec<(OperationKind, OperationId)>> {
     let rows = sqlx::query!(
         r#"select id as "id: OperationId", kind as "kind: OperationKind" from operations
            where status in ('queued', 'running', 'retrying')
-             and ((status = 'queued' and pushed_at is null
-                   and created_at < now() - make_interval(secs => $1))
-               or (status = 'queued' and kind = any($3)
-                   and pushed_at < now() - make_interval(secs => $2))
+             and ((pushed_at is null and created_at < now() - make_interval(secs => $1))
+               or (pushed_at is not null and pushed_epoch is distinct from $2)
                or (status in ('running', 'retrying') and lease_expires_at < now()
-                   and (pushed_at is null
-                        or pushed_at < greatest(lease_expires_at, now() - make_interval(secs => $2)))))
-           order by created_at limit $4"#,
+                   and pushed_at < lease_expires_at))
+           order by created_at limit $3"#,
         unpushed_after_secs,
-        stale_after_secs,
-        stale_kinds as &[&str],
+        epoch,
         limit,
     )
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|r| (r.kind, r.id)).collect())
-}
-
-/// Unfinished operations per kind (to compare with what the job streams hold).
-pub async fn unfinished_by_kind(conn: &mut PgConnection) -> StoreResult<Vec<(OperationKind, i64)>> {
-    let rows = sqlx::query!(
-        r#"select kind as "kind: OperationKind", count(*) as "count!" from operations
-           where status in ('queued', 'running', 'retrying') group by kind"#
-    )
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.kind, r.count)).collect())
 }
 
 /// Operations per status, for metrics and the dashboard.
