@@ -14,11 +14,10 @@ use hangar_proto::{CreateSandboxRequest, ListSandboxesRequest};
 use hangar_worker::{JobContext, WorkerConfig, reconciler};
 use tokio::sync::watch;
 
+type Bearer =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
 type Client = HostAgentClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
 >;
 
 /// A migrated database, a Redis namespace, an in-process sim agent registered as a host.
@@ -77,9 +76,7 @@ impl World {
             .unwrap()
             .connect_lazy();
         let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let interceptor: Box<
-            dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-        > = Box::new(move |mut req: tonic::Request<()>| {
+        let interceptor: Bearer = Box::new(move |mut req: tonic::Request<()>| {
             req.metadata_mut().insert("authorization", bearer.clone());
             Ok(req)
         });
