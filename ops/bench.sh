@@ -6,7 +6,7 @@
 # every benchmark in turn — or only the one given — and prints the results as markdown tables
 # on stdout (progress and service messages go to stderr). Each benchmark makes a fresh database
 # on that server, its own Redis prefix, and kills the `hangar` processes it started.
-#   ops/bench.sh                                   pickup, create, throughput, backlog
+#   ops/bench.sh                                   pickup, create, throughput, backlog, apalis
 #   ops/bench.sh backlog --jobs 20000 --workers 1  one benchmark, with its flags
 #   ops/bench.sh pickup --help                     a benchmark's flags
 # Numbers depend on the machine and on whatever else runs on it: quote them with both.
@@ -37,7 +37,7 @@ if [ $# -gt 0 ]; then
     exec "$bench_bin" --hangar-bin "$hangar_bin" "$@"
 fi
 failed=()
-for bench in pickup create throughput backlog; do
+for bench in pickup create throughput backlog apalis; do
     printf '==== hangar-bench %s\n' "$bench" >&2
     "$bench_bin" --hangar-bin "$hangar_bin" "$bench" || failed+=("$bench")
 done
