@@ -45,10 +45,14 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let secret = bearer(parts).ok_or(ApiError::Unauthorized)?;
         let hash = keys::hash_secret(secret);
+        if let Some(principal) = state.principals.get(&hash) {
+            return Ok(Caller(principal));
+        }
         let mut conn = state.pool.acquire().await?;
         let principal = tenancy::principal_by_key_hash(&mut conn, &hash)
             .await?
             .ok_or(ApiError::Unauthorized)?;
+        state.principals.insert(hash, principal.clone());
         Ok(Caller(principal))
     }
 }

@@ -8,6 +8,7 @@
 
 mod admin;
 mod audit;
+mod cache;
 mod capsules;
 mod domain;
 pub mod error;
@@ -91,6 +92,11 @@ pub struct AppState {
     pub(crate) queue: JobQueue,
     pub(crate) config: Arc<ApiConfig>,
     pub(crate) waiters: Arc<Waiters>,
+    /// Known API keys by hash (unknown keys always ask the database).
+    pub(crate) principals: Arc<cache::TtlCache<Vec<u8>, hangar_jobs::store::Principal>>,
+    /// Base-image templates by team and name (snapshot templates are always looked up).
+    pub(crate) image_templates:
+        Arc<cache::TtlCache<(hangar_jobs::TeamId, String), hangar_jobs::store::Template>>,
     /// Stops the LISTEN task when the last clone of the state is dropped.
     _listener: Arc<ListenerTask>,
 }
@@ -113,6 +119,8 @@ impl AppState {
             queue,
             config: Arc::new(config),
             waiters,
+            principals: Arc::default(),
+            image_templates: Arc::default(),
             _listener: Arc::new(listener),
         })
     }

@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hangar_jobs::intents::{self, Accepted, CreateCapsule};
 use hangar_jobs::store::capsules::{self, CapsuleFilter};
-use hangar_jobs::store::{Capsule, Principal, operations, tenancy};
+use hangar_jobs::store::{Capsule, Principal, Template, operations, tenancy};
 use hangar_jobs::{CapsuleId, CapsuleStatus, HostId, OperationKind, TeamId, enqueue};
 use serde_json::json;
 
@@ -236,9 +236,7 @@ async fn create(
     if let Some(reply) = idem.replay(&mut tx).await? {
         return Ok(reply);
     }
-    let template = tenancy::template_for_team(&mut tx, actor.team_id, new.template.as_str())
-        .await?
-        .ok_or_else(|| ApiError::UnknownTemplate(new.template.as_str().to_owned()))?;
+    let template = template_for(state, &mut tx, actor.team_id, new.template.as_str()).await?;
     let accepted = intents::create_capsule(
         &mut tx,
         CreateCapsule {
@@ -415,4 +413,26 @@ async fn get_one(
         .await?
         .ok_or(ApiError::NotFound("capsule"))?;
     Ok(Json(capsule))
+}
+
+/// The template a team creates from by name. Base-image templates are cached briefly (their
+/// content never changes); snapshot templates are always read, since a newer snapshot may
+/// have replaced one.
+async fn template_for(
+    state: &AppState,
+    conn: &mut sqlx::PgConnection,
+    team: TeamId,
+    name: &str,
+) -> Result<Template, ApiError> {
+    let key = (team, name.to_owned());
+    if let Some(template) = state.image_templates.get(&key) {
+        return Ok(template);
+    }
+    let template = tenancy::template_for_team(conn, team, name)
+        .await?
+        .ok_or_else(|| ApiError::UnknownTemplate(name.to_owned()))?;
+    if template.image.is_some() {
+        state.image_templates.insert(key, template.clone());
+    }
+    Ok(template)
 }
