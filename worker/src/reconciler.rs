@@ -120,14 +120,22 @@ async fn push_lost_jobs(ctx: &JobContext, repairs: &mut Repairs) -> Result<(), S
     Ok(())
 }
 
-/// Hosts silent too long become unreachable, and their capsules `unknown`.
+/// Hosts silent too long become unreachable, and the capsules of every unreachable host
+/// `unknown` (level-triggered: a tick that died half-way, or a move that lost a race, is
+/// repaired by the next one).
 async fn mark_silent_hosts(ctx: &JobContext, repairs: &mut Repairs) -> Result<(), StoreError> {
     let mut conn = ctx.pool.acquire().await?;
-    let silent = hosts::mark_silent_unreachable(&mut conn, ctx.config.host_silent_secs).await?;
-    for host in silent {
+    for host in hosts::mark_silent_unreachable(&mut conn, ctx.config.host_silent_secs).await? {
         warn!(%host, "host stopped heartbeating; marked unreachable");
         repairs.hosts_unreachable += 1;
-        for capsule in capsules::on_host(&mut conn, host).await? {
+    }
+    let unreachable: Vec<_> = hosts::list(&mut conn)
+        .await?
+        .into_iter()
+        .filter(|h| h.status == "unreachable")
+        .collect();
+    for host in unreachable {
+        for capsule in capsules::on_host(&mut conn, host.id).await? {
             if capsule.status.can_become(CapsuleStatus::Unknown)
                 && move_capsule(ctx, &capsule, CapsuleStatus::Unknown, "host unreachable").await?
             {

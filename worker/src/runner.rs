@@ -84,8 +84,10 @@ pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Rece
                 .expect("semaphore never closes");
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                run_delivery(&ctx, &delivery).await;
-                if let Err(error) = ctx.queue.ack(kind, &delivery.entry_id).await {
+                // An unsettled delivery stays pending on the stream and is reclaimed later.
+                if run_delivery(&ctx, &delivery).await
+                    && let Err(error) = ctx.queue.ack(kind, &delivery.entry_id).await
+                {
                     // The entry will be reclaimed and found settled: harmless.
                     warn!(%error, "ack failed");
                 }
@@ -103,29 +105,30 @@ pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Rece
     info!(%kind, "consumer stopped");
 }
 
-/// Settles one delivery: claim, attempt, back off, retry, finish.
-pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) {
+/// Settles one delivery: claim, attempt, back off, retry, finish. Returns false when the
+/// operation could not even be claimed (Postgres unreachable): the entry must not be acked.
+pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) -> bool {
     let Some(op_id) = delivery.operation_id else {
         warn!(entry = %delivery.entry_id, "dropping a malformed job entry");
-        return;
+        return true;
     };
     let span = info_span!("job", kind = %delivery.kind, operation_id = %op_id, attempt = tracing::field::Empty);
     async move {
         loop {
             let op = match claim(ctx, op_id).await {
                 Ok(Some(op)) => op,
-                Ok(None) => return, // terminal, or another worker holds it
+                Ok(None) => return true, // terminal, or another worker holds it
                 Err(error) => {
                     warn!(%error, "claim failed; the job stays pending and will be redelivered");
-                    return;
+                    return false;
                 }
             };
             tracing::Span::current().record("attempt", op.attempts);
             match jobs::execute(ctx, &op).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(error) => {
                     if !handle_failure(ctx, &op, error).await {
-                        return;
+                        return true;
                     }
                 }
             }

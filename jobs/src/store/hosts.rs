@@ -146,7 +146,8 @@ pub async fn mark_silent_unreachable(
 /// vCPUs (or on `only`, when the template's snapshot lives there) and records the host on
 /// the capsule, once. One statement, so the host row is locked only for its duration: the
 /// capacity check and the increment happen on the locked row, and concurrent creates never
-/// overbook a host. Returns the capsule's host, or `None` when no host has room.
+/// overbook a host. Returns the host, or `None` when no host has room or the capsule was
+/// already placed (the caller re-reads it).
 pub async fn place(
     conn: &mut PgConnection,
     capsule: CapsuleId,
@@ -155,7 +156,11 @@ pub async fn place(
     only: Option<HostId>,
 ) -> StoreResult<Option<HostId>> {
     let id = sqlx::query_scalar!(
-        r#"with chosen as (
+        r#"with target as (
+               -- Locks the capsule first: a concurrent placement of the same capsule waits
+               -- here, then sees it placed and reserves nothing.
+               select id from capsules where id = $1 and host_id is null for update),
+           chosen as (
                update hosts set vcpus_reserved = vcpus_reserved + $2,
                                 memory_mb_reserved = memory_mb_reserved + $3
                where id = (
@@ -164,7 +169,7 @@ pub async fn place(
                      and vcpus_total - vcpus_reserved >= $2
                      and memory_mb_total - memory_mb_reserved >= $3
                      and ($4::uuid is null or id = $4)
-                     and exists (select 1 from capsules where id = $1 and host_id is null)
+                     and exists (select 1 from target)
                    order by vcpus_total - vcpus_reserved desc, id
                    limit 1
                    for update)

@@ -61,15 +61,22 @@ async fn place(
         return Ok(capsule);
     }
     let mut conn = ctx.pool.acquire().await?;
-    match store::hosts::place(
+    let placed = store::hosts::place(
         &mut conn,
         capsule.id,
         capsule.vcpus,
         capsule.memory_mb,
         only,
     )
-    .await?
-    {
+    .await?;
+    // `None` may also mean another attempt placed it meanwhile: then use that host.
+    let host = match placed {
+        Some(host) => Some(host),
+        None => store::capsules::get(&mut conn, None, capsule.id)
+            .await?
+            .and_then(|c| c.host_id),
+    };
+    match host {
         Some(host) => Ok(Capsule {
             host_id: Some(host),
             ..capsule
