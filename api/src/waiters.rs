@@ -135,10 +135,15 @@ pub(crate) async fn listen(
     let task = tokio::spawn(async move {
         loop {
             match listener.try_recv().await {
-                Ok(Some(notification)) => match notification.payload().parse() {
-                    Ok(id) => waiters.wake(id),
-                    Err(_) => debug!(payload = notification.payload(), "ignored notification"),
-                },
+                // The payload lists the ids of the operations that finished, comma-separated.
+                Ok(Some(notification)) => {
+                    for id in notification.payload().split(',') {
+                        match id.parse() {
+                            Ok(id) => waiters.wake(id),
+                            Err(_) => debug!(payload = id, "ignored notification"),
+                        }
+                    }
+                }
                 Ok(None) => {
                     warn!("operation listener reconnected; waking every waiter");
                     waiters.wake_all();

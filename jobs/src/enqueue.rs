@@ -43,21 +43,31 @@ pub async fn push_committed(
 /// Publishes a committed event on the live Redis stream (best effort: the events table
 /// is the durable record, and readers resume from it).
 pub async fn publish_event(queue: &JobQueue, event: &Event) {
+    publish_events(queue, std::slice::from_ref(event)).await;
+}
+
+/// Publishes committed events in one round trip, in order (best effort, as above).
+pub async fn publish_events(queue: &JobQueue, events: &[Event]) {
+    if events.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for event in events {
+        let Ok(payload) = serde_json::to_string(event) else {
+            continue;
+        };
+        pipe.cmd("XADD")
+            .arg(queue.events_key())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100_000)
+            .arg("*")
+            .arg("event")
+            .arg(payload)
+            .ignore();
+    }
     let mut conn = queue.connection();
-    let payload = match serde_json::to_string(event) {
-        Ok(p) => p,
-        Err(_) => return,
-    };
-    let result: redis::RedisResult<String> = redis::cmd("XADD")
-        .arg(queue.events_key())
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(100_000)
-        .arg("*")
-        .arg("event")
-        .arg(payload)
-        .query_async(&mut conn)
-        .await;
+    let result: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
     if let Err(error) = result {
         warn!(%error, "event publish failed");
     }

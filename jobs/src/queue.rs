@@ -137,10 +137,18 @@ impl JobQueue {
     /// Acknowledges and deletes an entry: its job is settled in Postgres. Goes over the
     /// shared connection, since the consumer's own may be parked in a blocking read.
     pub async fn ack(&self, kind: OperationKind, entry_id: &str) -> RedisResult<()> {
+        self.ack_many(kind, &[entry_id]).await
+    }
+
+    /// Acknowledges and deletes several entries of one stream in one round trip.
+    pub async fn ack_many(&self, kind: OperationKind, entry_ids: &[&str]) -> RedisResult<()> {
+        if entry_ids.is_empty() {
+            return Ok(());
+        }
         let key = self.stream_key(kind);
         let mut pipe = redis::pipe();
-        pipe.xack(&key, GROUP, &[entry_id]).ignore();
-        pipe.xdel(&key, &[entry_id]).ignore();
+        pipe.xack(&key, GROUP, entry_ids).ignore();
+        pipe.xdel(&key, entry_ids).ignore();
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await
     }

@@ -174,7 +174,7 @@ async fn placing_one_capsule_concurrently_reserves_once() {
         let waiting: i64 = sqlx::query_scalar(
             "select count(*) from pg_stat_activity
              where datname = current_database() and wait_event_type = 'Lock'
-               and query like '%chosen as%'",
+               and query like '%place_capsule(%'",
         )
         .fetch_one(&env.pool)
         .await

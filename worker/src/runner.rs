@@ -7,14 +7,15 @@
 //! A delivery whose operation is terminal or held by a live lease elsewhere is acked and
 //! dropped: duplicates are harmless.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use hangar_jobs::OperationKind;
 use hangar_jobs::queue::Delivery;
 use hangar_jobs::store::{Operation, operations};
-use tokio::sync::{Semaphore, watch};
+use hangar_jobs::{OperationId, OperationKind};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::context::JobContext;
@@ -76,20 +77,25 @@ pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Rece
                 continue;
             }
         };
+        let mut slotted = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let permit = slots
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore never closes");
+            slotted.push((delivery, permit));
+        }
+        if jobs::runs_batched(kind) && slotted.len() > 1 {
+            tokio::spawn(run_batch(ctx.clone(), slotted));
+            continue;
+        }
+        for (delivery, permit) in slotted {
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 // An unsettled delivery stays pending on the stream and is reclaimed later.
-                if run_delivery(&ctx, &delivery).await
-                    && let Err(error) = ctx.queue.ack(kind, &delivery.entry_id).await
-                {
-                    // The entry will be reclaimed and found settled: harmless.
-                    warn!(%error, "ack failed");
+                if run_delivery(&ctx, &delivery).await {
+                    ack(&ctx, &[&delivery]).await;
                 }
                 drop(permit);
             });
@@ -105,6 +111,16 @@ pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Rece
     info!(%kind, "consumer stopped");
 }
 
+/// Acknowledges settled deliveries of one stream.
+async fn ack(ctx: &JobContext, settled: &[&Delivery]) {
+    let Some(first) = settled.first() else { return };
+    let ids: Vec<&str> = settled.iter().map(|d| d.entry_id.as_str()).collect();
+    if let Err(error) = ctx.queue.ack_many(first.kind, &ids).await {
+        // The entries will be reclaimed and found settled: harmless.
+        warn!(%error, "ack failed");
+    }
+}
+
 /// Settles one delivery: claim, attempt, back off, retry, finish. Returns false when the
 /// operation could not even be claimed (Postgres unreachable): the entry must not be acked.
 pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) -> bool {
@@ -112,7 +128,6 @@ pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) -> bool {
         warn!(entry = %delivery.entry_id, "dropping a malformed job entry");
         return true;
     };
-    let span = info_span!("job", kind = %delivery.kind, operation_id = %op_id, attempt = tracing::field::Empty);
     async move {
         loop {
             let op = match claim(ctx, op_id).await {
@@ -134,8 +149,72 @@ pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) -> bool {
             }
         }
     }
-    .instrument(span)
+    .instrument(job_span(delivery.kind, op_id))
     .await
+}
+
+fn job_span(kind: OperationKind, op_id: OperationId) -> tracing::Span {
+    info_span!("job", %kind, operation_id = %op_id, attempt = tracing::field::Empty)
+}
+
+/// Settles a batch of deliveries of a kind that [`jobs::runs_batched`]: one claim for all,
+/// one attempt of all together, one ack for the settled. An operation whose attempt failed
+/// continues alone, as in [`run_delivery`], and frees its slot when it settles.
+async fn run_batch(ctx: JobContext, slotted: Vec<(Delivery, OwnedSemaphorePermit)>) {
+    let mut by_op = HashMap::with_capacity(slotted.len());
+    let mut settled = Vec::new();
+    for (delivery, permit) in slotted {
+        match delivery.operation_id {
+            Some(op_id) => {
+                by_op.insert(op_id, (delivery, permit));
+            }
+            None => {
+                warn!(entry = %delivery.entry_id, "dropping a malformed job entry");
+                settled.push(delivery);
+            }
+        }
+    }
+    let ids: Vec<uuid::Uuid> = by_op.keys().map(|id| id.0).collect();
+    let claimed = match ctx.pool.acquire().await {
+        Ok(mut conn) => {
+            let lease = ctx.config.lease().as_secs_f64();
+            operations::claim_many(&mut conn, &ids, &ctx.worker, lease).await
+        }
+        Err(error) => Err(error.into()),
+    };
+    let ops = match claimed {
+        Ok(ops) => ops,
+        Err(error) => {
+            // Nothing acked: the entries stay pending and are reclaimed later.
+            warn!(%error, count = ids.len(), "batch claim failed; the jobs will be redelivered");
+            ack(&ctx, &settled.iter().collect::<Vec<_>>()).await;
+            return;
+        }
+    };
+    let outcomes = jobs::execute_batch(&ctx, ops).await;
+    for (op, outcome) in outcomes {
+        let Some((delivery, permit)) = by_op.remove(&op.id) else {
+            continue;
+        };
+        match outcome {
+            Ok(()) => settled.push(delivery),
+            Err(error) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let span = job_span(delivery.kind, op.id);
+                    span.record("attempt", op.attempts);
+                    let retry = handle_failure(&ctx, &op, error).instrument(span).await;
+                    if !retry || run_delivery(&ctx, &delivery).await {
+                        ack(&ctx, &[&delivery]).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // What is left was not claimed: terminal, or held by another worker.
+    settled.extend(by_op.into_values().map(|(delivery, _)| delivery));
+    ack(&ctx, &settled.iter().collect::<Vec<_>>()).await;
 }
 
 async fn claim(

@@ -1,278 +1,19 @@
 //! The reconciler against real Postgres, Redis and an in-process host agent over gRPC: one
 //! `tick` at a time, asserting what it repaired in the database and on the host.
 
+mod common;
+
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use common::*;
 use hangar_jobs::intents::{self, CreateCapsule};
-use hangar_jobs::store::hosts::{self, Registration, Usage};
+use hangar_jobs::store::hosts::{self, Usage};
 use hangar_jobs::store::tenancy::{self, PLATFORM_TEAM};
-use hangar_jobs::store::{Capsule, Operation, capsules, operations};
+use hangar_jobs::store::{capsules, operations};
 use hangar_jobs::testing::TestEnv;
-use hangar_jobs::{
-    CapsuleStatus, HostId, OperationId, OperationKind, OperationStatus, enqueue, keys,
-};
-use hangar_proto::host_agent_client::HostAgentClient;
-use hangar_proto::{CreateSandboxRequest, ListSandboxesRequest};
-use hangar_worker::{JobContext, WorkerConfig, reconciler};
+use hangar_jobs::{CapsuleStatus, OperationKind, OperationStatus, enqueue, keys};
+use hangar_worker::{WorkerConfig, reconciler};
 use tokio::sync::watch;
-
-type Bearer =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-type Client = HostAgentClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
->;
-
-/// A migrated database, a Redis namespace, an in-process sim agent registered as a host.
-struct World {
-    env: TestEnv,
-    host: HostId,
-    agent: Client,
-    _stop: watch::Sender<bool>,
-}
-
-impl World {
-    async fn new() -> World {
-        let env = TestEnv::new().await;
-        let state = std::env::temp_dir().join(format!("hangar-reconciler-{}", keys::random_hex(4)));
-        let config = hangar_agent::AgentConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise_url: None,
-            // Nothing listens there: registration retries in the background, harmlessly.
-            control_plane_url: "http://127.0.0.1:9".into(),
-            join_token: hangar_agent::secret::Secret::new("unused"),
-            host_name: Some("host-1".into()),
-            state_dir: state,
-            driver: hangar_agent::DriverKind::Sim,
-            vcpus: 64,
-            memory_mb: 262_144,
-            sim_latency_ms: 0,
-            sim_jitter_ms: 0,
-            sim_error_rate: 0.0,
-            sim_hang_rate: 0.0,
-            sim_crash_rate: 0.0,
-            heartbeat_interval_ms: 60_000,
-        };
-        let agent = hangar_agent::Agent::bind(config).await.unwrap();
-        let address = format!("http://{}", agent.local_addr());
-        let token = agent.agent_token().expose().to_owned();
-        let (stop, mut stopped) = watch::channel(false);
-        tokio::spawn(agent.run(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
-        let mut conn = env.pool.acquire().await.unwrap();
-        let host = hosts::register(
-            &mut conn,
-            Registration {
-                name: "host-1",
-                address: &address,
-                driver: "sim",
-                token_hash: &keys::hash_secret("host-token"),
-                agent_token: &token,
-                vcpus: 64,
-                memory_mb: 262_144,
-            },
-        )
-        .await
-        .unwrap();
-        let channel = tonic::transport::Endpoint::from_shared(address)
-            .unwrap()
-            .connect_lazy();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let interceptor: Bearer = Box::new(move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        });
-        World {
-            env,
-            host,
-            agent: HostAgentClient::with_interceptor(channel, interceptor),
-            _stop: stop,
-        }
-    }
-
-    fn ctx(&self, tune: impl FnOnce(&mut WorkerConfig)) -> JobContext {
-        let mut config = WorkerConfig {
-            name: Some(format!("w-{}", keys::random_hex(3))),
-            ..WorkerConfig::default()
-        };
-        tune(&mut config);
-        hangar_worker::context(self.env.pool.clone(), self.env.queue.clone(), config)
-    }
-
-    /// A capsule placed on the host, moved through `path` of statuses (from `starting`).
-    async fn capsule(&self, path: &[CapsuleStatus]) -> Capsule {
-        let mut tx = self.env.pool.begin().await.unwrap();
-        let template = tenancy::template_for_team(&mut tx, PLATFORM_TEAM, "base")
-            .await
-            .unwrap()
-            .unwrap();
-        let accepted = intents::create_capsule(
-            &mut tx,
-            CreateCapsule {
-                team_id: PLATFORM_TEAM,
-                template,
-                vcpus: 1,
-                memory_mb: 128,
-                timeout_sec: 3_600,
-                metadata: serde_json::json!({}),
-                max_attempts: 5,
-            },
-        )
-        .await
-        .unwrap();
-        // The create is settled: only the capsule matters here.
-        operations::finish(
-            &mut tx,
-            accepted.operation.id,
-            None,
-            operations::Outcome {
-                status: OperationStatus::Succeeded,
-                error_code: None,
-                error: None,
-                result: None,
-            },
-        )
-        .await
-        .unwrap();
-        capsules::assign_host(&mut tx, accepted.capsule.id, self.host)
-            .await
-            .unwrap();
-        let mut capsule = accepted.capsule;
-        for to in path {
-            capsule = capsules::transition(
-                &mut tx,
-                capsule.id,
-                capsule.status,
-                capsule.generation,
-                *to,
-                None,
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        }
-        tx.commit().await.unwrap();
-        capsule
-    }
-
-    async fn vm(&mut self, id: &str) {
-        let request = CreateSandboxRequest {
-            sandbox_id: id.into(),
-            vcpus: 1,
-            memory_mb: 128,
-            image: "base".into(),
-            ..Default::default()
-        };
-        self.agent.create_sandbox(request).await.unwrap();
-    }
-
-    async fn vms(&mut self) -> Vec<String> {
-        let list = self
-            .agent
-            .list_sandboxes(ListSandboxesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        list.sandboxes.into_iter().map(|s| s.sandbox_id).collect()
-    }
-
-    async fn reload(&self, capsule: &Capsule) -> Capsule {
-        let mut conn = self.env.pool.acquire().await.unwrap();
-        capsules::get(&mut conn, None, capsule.id)
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn sql(&self, statement: &'static str, capsule: &Capsule) {
-        sqlx::query(statement)
-            .bind(capsule.id.0)
-            .execute(&self.env.pool)
-            .await
-            .unwrap();
-    }
-
-    /// A committed create intent (a capsule in `starting`), not pushed.
-    async fn create_intent(&self) -> intents::Accepted {
-        create_intent(&self.env).await
-    }
-
-    /// A pause of `capsule`, committed and not pushed: an operation in flight.
-    async fn pause_intent(&self, capsule: &Capsule) -> intents::Accepted {
-        let mut tx = self.env.pool.begin().await.unwrap();
-        let accepted = intents::capsule_operation(
-            &mut tx,
-            capsule.clone(),
-            OperationKind::Pause,
-            serde_json::json!({}),
-            5,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        accepted
-    }
-
-    async fn host_status(&self) -> String {
-        let mut conn = self.env.pool.acquire().await.unwrap();
-        hosts::get(&mut conn, self.host)
-            .await
-            .unwrap()
-            .unwrap()
-            .status
-    }
-
-    /// Every operation of a capsule, newest first.
-    async fn operations_of(&self, capsule: &Capsule) -> Vec<Operation> {
-        let mut conn = self.env.pool.acquire().await.unwrap();
-        let filter = operations::OperationFilter {
-            capsule: Some(capsule.id),
-            limit: 100,
-            ..Default::default()
-        };
-        operations::list(&mut conn, &filter).await.unwrap()
-    }
-}
-
-async fn create_intent(env: &TestEnv) -> intents::Accepted {
-    let mut tx = env.pool.begin().await.unwrap();
-    let template = tenancy::template_for_team(&mut tx, PLATFORM_TEAM, "base")
-        .await
-        .unwrap()
-        .unwrap();
-    let create = CreateCapsule {
-        team_id: PLATFORM_TEAM,
-        template,
-        vcpus: 1,
-        memory_mb: 128,
-        timeout_sec: 600,
-        metadata: serde_json::json!({}),
-        max_attempts: 5,
-    };
-    let accepted = intents::create_capsule(&mut tx, create).await.unwrap();
-    tx.commit().await.unwrap();
-    accepted
-}
-
-/// When an operation's job was last pushed, and in which Redis epoch.
-async fn pushed(env: &TestEnv, op: OperationId) -> (Option<DateTime<Utc>>, Option<String>) {
-    sqlx::query_as("select pushed_at, pushed_epoch from operations where id = $1")
-        .bind(op.0)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
-}
-
-/// Makes an operation look committed a while ago (the reconciler leaves a fresh one to the
-/// API's own push for a second).
-async fn age(env: &TestEnv, op: OperationId) {
-    sqlx::query("update operations set created_at = now() - interval '5 seconds' where id = $1")
-        .bind(op.0)
-        .execute(&env.pool)
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn a_committed_but_never_pushed_operation_is_pushed_once() {
@@ -791,29 +532,6 @@ async fn workers_run_a_capsule_through_its_life_and_leave_no_vm() {
         .unwrap();
 }
 
-/// Waits for an operation to succeed (polling the row: nothing here notifies).
-async fn settle(world: &World, op: OperationId) {
-    settle_within(world, op, Duration::from_secs(30)).await;
-}
-
-async fn settle_within(world: &World, op: OperationId, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let mut conn = world.env.pool.acquire().await.unwrap();
-        let row = operations::get(&mut conn, None, op).await.unwrap().unwrap();
-        if row.status.is_terminal() {
-            assert_eq!(row.status, OperationStatus::Succeeded, "{row:?}");
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "operation still {}",
-            row.status
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // Bugs found while writing these tests: each test states the behaviour the design
 // promises and fails today. Run them with `cargo test -p hangar-worker -- --ignored`.
 
@@ -844,12 +562,9 @@ async fn capsules_on_a_host_already_marked_unreachable_become_unknown() {
 }
 
 /// A delivery whose claim fails (Postgres briefly unavailable: here, the worker's pool has
-/// no free connection) is acknowledged and deleted from the stream anyway
-/// (`worker/src/runner.rs`: `consume` acks after `run_delivery` returns, whatever
-/// happened; `run_delivery` logs "the job stays pending and will be redelivered"). The
-/// operation stays `queued` with `pushed_at` set in the current epoch, which
-/// `operations::needing_push` never selects, and its capsule's transient status is never
-/// settled (an operation is in flight): the request hangs forever.
+/// no free connection) is not acknowledged: it stays pending on the stream, is reclaimed,
+/// and the operation completes once Postgres is back. (It used to be acked and lost, and
+/// the request hung forever.)
 #[tokio::test]
 async fn a_job_whose_claim_failed_is_delivered_again() {
     let world = World::new().await;
@@ -898,11 +613,12 @@ async fn a_job_whose_claim_failed_is_delivered_again() {
         assert!(tokio::time::Instant::now() < deadline, "never delivered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(held);
+    // Checked while the worker still has no connection: once it has one, it may claim at once.
     let mut conn = world.env.pool.acquire().await.unwrap();
     let row = operations::get(&mut conn, None, op).await.unwrap().unwrap();
     assert_eq!((row.status, row.attempts), (OperationStatus::Queued, 0));
     drop(conn);
+    drop(held);
 
     // Postgres is back, the worker and its reconciler run: the create should complete.
     settle_within(&world, op, Duration::from_secs(10)).await;

@@ -34,11 +34,14 @@ pub struct SimConfig {
     pub crash_rate_per_min: f64,
 }
 
-/// The records, and which of them the change under way touched (journaled after it).
+/// The records, which of them the change under way touched (journaled after it), and what
+/// the live VMs hold (kept as VMs come and go: summing them per create made creates O(VMs)).
 #[derive(Debug, Default)]
 struct SimState {
     records: Records,
     touched: Vec<Touched>,
+    vcpus_used: u32,
+    memory_mb_used: u32,
 }
 
 impl std::ops::Deref for SimState {
@@ -49,14 +52,50 @@ impl std::ops::Deref for SimState {
 }
 
 impl SimState {
+    fn new(records: Records) -> Self {
+        let mut state = Self {
+            records,
+            ..Self::default()
+        };
+        let vms: Vec<VmInfo> = state.records.vms.values().cloned().collect();
+        for vm in &vms {
+            state.account(vm, true);
+        }
+        state
+    }
+
+    /// Adds (or takes back) what `vm` holds: crashed VMs hold nothing (their process is
+    /// gone); paused ones keep their memory.
+    fn account(&mut self, vm: &VmInfo, holds: bool) {
+        if vm.state == VmState::Crashed {
+            return;
+        }
+        if holds {
+            self.vcpus_used = self.vcpus_used.saturating_add(vm.vcpus);
+            self.memory_mb_used = self.memory_mb_used.saturating_add(vm.memory_mb);
+        } else {
+            self.vcpus_used = self.vcpus_used.saturating_sub(vm.vcpus);
+            self.memory_mb_used = self.memory_mb_used.saturating_sub(vm.memory_mb);
+        }
+    }
+
     fn insert_vm(&mut self, vm: VmInfo) {
         self.touched.push(Touched::Vm(vm.sandbox_id.clone()));
-        self.records.vms.insert(vm.sandbox_id.clone(), vm);
+        self.account(&vm, true);
+        if let Some(old) = self.records.vms.insert(vm.sandbox_id.clone(), vm) {
+            self.account(&old, false);
+        }
     }
 
     fn remove_vm(&mut self, sandbox_id: &str) -> bool {
         self.touched.push(Touched::Vm(sandbox_id.to_owned()));
-        self.records.vms.remove(sandbox_id).is_some()
+        match self.records.vms.remove(sandbox_id) {
+            Some(old) => {
+                self.account(&old, false);
+                true
+            }
+            None => false,
+        }
     }
 
     fn insert_snapshot(&mut self, snapshot: SnapshotInfo) {
@@ -72,17 +111,12 @@ impl SimState {
         self.records.snapshots.remove(snapshot_id).is_some()
     }
 
-    /// Crashed VMs hold no resources (their process is gone); paused ones keep their memory.
     fn usage(&self, config: &SimConfig) -> Usage {
-        let live = self.vms.values().filter(|vm| vm.state != VmState::Crashed);
-        let (vcpus, memory) = live.fold((0u32, 0u32), |(c, m), vm| {
-            (c.saturating_add(vm.vcpus), m.saturating_add(vm.memory_mb))
-        });
         Usage {
             vcpus_total: config.vcpus,
             memory_mb_total: config.memory_mb,
-            vcpus_used: vcpus,
-            memory_mb_used: memory,
+            vcpus_used: self.vcpus_used,
+            memory_mb_used: self.memory_mb_used,
             sandboxes: u32::try_from(self.vms.len()).unwrap_or(u32::MAX),
         }
     }
@@ -126,11 +160,16 @@ impl Inner {
     fn crash_some(&self, probability: f64) {
         let crashed = self.apply(|s| {
             let mut crashed = Vec::new();
+            let mut released = Vec::new();
             for vm in s.records.vms.values_mut() {
                 if vm.state == VmState::Running && rand::random_bool(probability) {
+                    released.push(vm.clone());
                     vm.state = VmState::Crashed;
                     crashed.push(vm.sandbox_id.clone());
                 }
+            }
+            for vm in &released {
+                s.account(vm, false);
             }
             s.touched.extend(crashed.iter().cloned().map(Touched::Vm));
             let changed = !crashed.is_empty();
@@ -190,10 +229,7 @@ impl SimDriver {
         let crash_rate = config.crash_rate_per_min;
         let inner = Arc::new(Inner {
             config,
-            state: Mutex::new(SimState {
-                records,
-                touched: Vec::new(),
-            }),
+            state: Mutex::new(SimState::new(records)),
             journal: Mutex::new(journal),
             events,
         });

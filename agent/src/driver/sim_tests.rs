@@ -112,6 +112,12 @@ async fn wrong_state_and_missing_sandboxes() {
         (event.sandbox_id.as_str(), event.kind),
         ("cap_a", EventKind::Crashed)
     );
+    let usage = sim.usage().await.unwrap();
+    assert_eq!(
+        (usage.vcpus_used, usage.memory_mb_used, usage.sandboxes),
+        (0, 0, 1),
+        "a crashed VM holds no capacity but is still listed"
+    );
 
     fn wrong<T>(r: Result<T, DriverError>) -> bool {
         matches!(
@@ -149,6 +155,14 @@ async fn capacity_is_enforced_and_freed() {
     );
     sim.destroy("cap_a").await.unwrap();
     sim.create(spec("cap_c", 2, 512)).await.unwrap();
+    drop(sim);
+    // What the VMs hold is rebuilt from the records after a restart.
+    let (sim, _events) = open(config(dir.path()));
+    let usage = sim.usage().await.unwrap();
+    assert_eq!(
+        (usage.vcpus_used, usage.memory_mb_used, usage.sandboxes),
+        (3, 3584, 2)
+    );
     assert!(matches!(
         sim.create(spec("cap_d", 0, 512)).await,
         Err(DriverError::Invalid(_))

@@ -50,20 +50,30 @@ pub async fn get(
     team: Option<TeamId>,
     id: CapsuleId,
 ) -> StoreResult<Option<Capsule>> {
-    let capsule = sqlx::query_as!(
+    Ok(get_many(conn, team, &[id.0]).await?.pop())
+}
+
+/// The capsules of these ids that exist (and that `team` owns, when given), in no
+/// particular order.
+pub async fn get_many(
+    conn: &mut PgConnection,
+    team: Option<TeamId>,
+    ids: &[uuid::Uuid],
+) -> StoreResult<Vec<Capsule>> {
+    let capsules = sqlx::query_as!(
         Capsule,
         r#"select id as "id: CapsuleId", team_id as "team_id: TeamId",
                   template_id as "template_id: TemplateId", host_id as "host_id?: HostId",
                   status as "status: CapsuleStatus", status_reason, generation, vcpus,
                   memory_mb, timeout_sec, expires_at, status_deadline, metadata,
                   created_at, updated_at
-           from capsules where id = $1 and ($2::uuid is null or team_id = $2)"#,
-        id.0,
+           from capsules where id = any($1) and ($2::uuid is null or team_id = $2)"#,
+        ids,
         team.map(|t| t.0),
     )
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(capsule)
+    Ok(capsules)
 }
 
 /// Filters of a capsule listing; `before` is the cursor (the last id of the previous page).

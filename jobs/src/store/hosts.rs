@@ -144,10 +144,9 @@ pub async fn mark_silent_unreachable(
 
 /// Places a capsule: reserves room on the healthy, uncordoned host with the most free
 /// vCPUs (or on `only`, when the template's snapshot lives there) and records the host on
-/// the capsule, once. One statement, so the host row is locked only for its duration: the
-/// capacity check and the increment happen on the locked row, and concurrent creates never
-/// overbook a host. Returns the host, or `None` when no host has room or the capsule was
-/// already placed (the caller re-reads it).
+/// the capsule, once (the `place_capsule` function of the migrations: concurrent creates
+/// never overbook a host). Returns the host, or `None` when no host has room or the capsule
+/// was already placed (the caller re-reads it).
 pub async fn place(
     conn: &mut PgConnection,
     capsule: CapsuleId,
@@ -155,38 +154,51 @@ pub async fn place(
     memory_mb: i32,
     only: Option<HostId>,
 ) -> StoreResult<Option<HostId>> {
-    let id = sqlx::query_scalar!(
-        r#"with target as (
-               -- Locks the capsule first: a concurrent placement of the same capsule waits
-               -- here, then sees it placed and reserves nothing.
-               select id from capsules where id = $1 and host_id is null for update),
-           chosen as (
-               update hosts set vcpus_reserved = vcpus_reserved + $2,
-                                memory_mb_reserved = memory_mb_reserved + $3
-               where id = (
-                   select id from hosts
-                   where status = 'healthy' and not cordoned
-                     and vcpus_total - vcpus_reserved >= $2
-                     and memory_mb_total - memory_mb_reserved >= $3
-                     and ($4::uuid is null or id = $4)
-                     and exists (select 1 from target)
-                   order by vcpus_total - vcpus_reserved desc, id
-                   limit 1
-                   for update)
-                 and vcpus_total - vcpus_reserved >= $2
-                 and memory_mb_total - memory_mb_reserved >= $3
-               returning id)
-           update capsules set host_id = chosen.id, updated_at = now()
-           from chosen where capsules.id = $1 and capsules.host_id is null
-           returning chosen.id as "id: HostId""#,
-        capsule.0,
-        vcpus,
-        memory_mb,
-        only.map(|h| h.0),
+    let placed = place_many(
+        conn,
+        &[Placement {
+            capsule,
+            vcpus,
+            memory_mb,
+            only,
+        }],
     )
-    .fetch_optional(conn)
     .await?;
-    Ok(id)
+    Ok(placed.into_iter().next().and_then(|(_, host)| host))
+}
+
+/// What one capsule asks of placement.
+pub struct Placement {
+    pub capsule: CapsuleId,
+    pub vcpus: i32,
+    pub memory_mb: i32,
+    pub only: Option<HostId>,
+}
+
+/// Places several capsules in one statement, in the order given (callers sort by capsule id,
+/// so that two batches lock rows in the same order). Each result is what [`place`] returns.
+pub async fn place_many(
+    conn: &mut PgConnection,
+    wanted: &[Placement],
+) -> StoreResult<Vec<(CapsuleId, Option<HostId>)>> {
+    let capsules: Vec<uuid::Uuid> = wanted.iter().map(|p| p.capsule.0).collect();
+    let vcpus: Vec<i32> = wanted.iter().map(|p| p.vcpus).collect();
+    let memory: Vec<i32> = wanted.iter().map(|p| p.memory_mb).collect();
+    let only: Vec<Option<uuid::Uuid>> = wanted.iter().map(|p| p.only.map(|h| h.0)).collect();
+    let rows = sqlx::query!(
+        r#"select w.capsule as "capsule!: CapsuleId",
+                  place_capsule(w.capsule, w.vcpus, w.memory_mb, w.only_host) as "host?: HostId"
+           from unnest($1::uuid[], $2::int4[], $3::int4[], $4::uuid[])
+                with ordinality as w(capsule, vcpus, memory_mb, only_host, n)
+           order by w.n"#,
+        &capsules,
+        &vcpus,
+        &memory,
+        &only as &[Option<uuid::Uuid>],
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.capsule, r.host)).collect())
 }
 
 /// Gives back a capsule's reservation (its VM is gone).

@@ -6,6 +6,7 @@
 //! on status and generation.
 
 pub mod capsules;
+pub mod completions;
 pub mod hosts;
 pub mod operations;
 pub mod records;

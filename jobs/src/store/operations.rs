@@ -131,14 +131,23 @@ pub async fn destroy_in_flight(
     conn: &mut PgConnection,
     capsule: CapsuleId,
 ) -> StoreResult<Option<OperationId>> {
-    let id = sqlx::query_scalar!(
+    Ok(destroys_in_flight(conn, &[capsule.0]).await?.pop())
+}
+
+/// The unfinished destroys of these capsules (at most one each).
+pub async fn destroys_in_flight(
+    conn: &mut PgConnection,
+    capsules: &[uuid::Uuid],
+) -> StoreResult<Vec<OperationId>> {
+    let ids = sqlx::query_scalar!(
         r#"select id as "id: OperationId" from operations
-           where capsule_id = $1 and kind = 'destroy' and status in ('queued', 'running', 'retrying')"#,
-        capsule.0,
+           where capsule_id = any($1) and kind = 'destroy'
+             and status in ('queued', 'running', 'retrying')"#,
+        capsules,
     )
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(id)
+    Ok(ids)
 }
 
 /// Records that these operations' jobs are on Redis, pushed in `epoch`.
@@ -187,6 +196,38 @@ pub async fn claim(
     .fetch_optional(conn)
     .await?;
     Ok(op)
+}
+
+/// Claims every operation of `ids` that [`claim`] would, in one statement; the others
+/// (terminal, or held under a live lease elsewhere) are simply not returned.
+pub async fn claim_many(
+    conn: &mut PgConnection,
+    ids: &[uuid::Uuid],
+    worker: &str,
+    lease_secs: f64,
+) -> StoreResult<Vec<Operation>> {
+    let ops = sqlx::query_as!(
+        Operation,
+        r#"update operations
+           set status = 'running', attempts = attempts + 1, lease_owner = $2,
+               lease_expires_at = now() + make_interval(secs => $3),
+               started_at = coalesce(started_at, now()), updated_at = now()
+           where id = any($1)
+             and (status = 'queued'
+                  or (status in ('running', 'retrying')
+                      and (lease_owner = $2 or lease_expires_at < now())))
+           returning id as "id: OperationId", team_id as "team_id: TeamId",
+                     capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
+                     status as "status: OperationStatus", generation, attempts, max_attempts,
+                     last_error, error_code, step, params, result, created_at, started_at,
+                     finished_at, updated_at"#,
+        ids,
+        worker,
+        lease_secs,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(ops)
 }
 
 /// Records the step a multi-step job completed (a retry resumes after it).
@@ -282,10 +323,25 @@ pub async fn finish(
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query!("select pg_notify($1, $2)", FINISHED_CHANNEL, id.to_string())
-        .execute(conn)
-        .await?;
+    notify_finished(conn, &[id]).await?;
     Ok(true)
+}
+
+/// Tells long-pollers (on commit) that these operations finished: the payload is their ids
+/// separated by commas, in as few notifications as fit Postgres's 8,000-byte payload limit.
+pub async fn notify_finished(conn: &mut PgConnection, ids: &[OperationId]) -> StoreResult<()> {
+    // An id is 35 characters and a comma: 200 of them fit with room to spare.
+    for chunk in ids.chunks(200) {
+        let payload = chunk
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query!("select pg_notify($1, $2)", FINISHED_CHANNEL, payload)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Unfinished operations whose job may not be on Redis: never pushed (the push after

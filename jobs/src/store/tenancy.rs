@@ -106,18 +106,26 @@ pub async fn get_template(
     conn: &mut PgConnection,
     id: TemplateId,
 ) -> StoreResult<Option<Template>> {
-    let template = sqlx::query_as!(
+    Ok(get_templates(conn, &[id.0]).await?.pop())
+}
+
+/// The templates of these ids that exist (any status), in no particular order.
+pub async fn get_templates(
+    conn: &mut PgConnection,
+    ids: &[uuid::Uuid],
+) -> StoreResult<Vec<Template>> {
+    let templates = sqlx::query_as!(
         Template,
         r#"select id as "id: TemplateId", team_id as "team_id: TeamId", name, status, image,
                   snapshot_host_id as "snapshot_host_id?: HostId",
                   source_capsule_id as "source_capsule_id?: CapsuleId", vcpus, memory_mb,
                   created_at
-           from templates where id = $1"#,
-        id.0,
+           from templates where id = any($1)"#,
+        ids,
     )
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(template)
+    Ok(templates)
 }
 
 /// Ready templates visible to a team (its own and the platform's).

@@ -1,7 +1,7 @@
 //! `create`: place the capsule on a host (reserving room atomically), create its sandbox
 //! on that host's agent, and mark it running.
 
-use hangar_jobs::store::{self, Capsule, Operation, tenancy};
+use hangar_jobs::store::{self, Capsule, Operation, Template, tenancy};
 use hangar_jobs::{CapsuleStatus, HostId};
 use hangar_proto::CreateSandboxRequest;
 use serde_json::json;
@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{JobError, JobResult, agent_for, capsule_at, complete};
 use crate::context::JobContext;
 
-pub async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
+pub(super) async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
     let capsule = capsule_at(ctx, op, CapsuleStatus::Starting).await?;
     let template = {
         let mut conn = ctx.pool.acquire().await?;
@@ -22,18 +22,7 @@ pub async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
     };
     let capsule = place(ctx, capsule, template.snapshot_host_id).await?;
     let (host, mut agent) = agent_for(ctx, &capsule).await?;
-    let request = CreateSandboxRequest {
-        sandbox_id: capsule.id.to_string(),
-        vcpus: capsule.vcpus as u32,
-        memory_mb: capsule.memory_mb as u32,
-        image: template.image.clone().unwrap_or_default(),
-        snapshot_id: if template.snapshot_host_id.is_some() {
-            template.id.to_string()
-        } else {
-            String::new()
-        },
-        generation: capsule.generation as u64,
-    };
+    let request = sandbox_request(&capsule, &template);
     agent
         .create_sandbox(request)
         .await
@@ -48,6 +37,22 @@ pub async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
         "capsule running",
     )
     .await
+}
+
+/// The agent request that creates `capsule`'s sandbox from `template`.
+pub(super) fn sandbox_request(capsule: &Capsule, template: &Template) -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        sandbox_id: capsule.id.to_string(),
+        vcpus: capsule.vcpus as u32,
+        memory_mb: capsule.memory_mb as u32,
+        image: template.image.clone().unwrap_or_default(),
+        snapshot_id: if template.snapshot_host_id.is_some() {
+            template.id.to_string()
+        } else {
+            String::new()
+        },
+        generation: capsule.generation as u64,
+    }
 }
 
 /// Reserves room on a host and records it on the capsule, once: a retried create reuses

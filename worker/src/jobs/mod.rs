@@ -5,6 +5,7 @@
 //! the capsule transition, the operation's result and an event in one transaction.
 
 mod create;
+mod create_batch;
 mod destroy;
 mod host_event;
 mod lifecycle;
@@ -22,7 +23,7 @@ use crate::agents::{AgentClient, AgentError};
 use crate::context::JobContext;
 
 /// How a job attempt failed, which decides what happens next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JobError {
     /// Retry after a backoff while attempts remain.
     #[error("{0}")]
@@ -66,6 +67,17 @@ impl From<sqlx::Error> for JobError {
 }
 
 pub type JobResult = Result<(), JobError>;
+
+/// Whether operations of `kind` run a delivery batch at a time ([`execute_batch`]).
+pub fn runs_batched(kind: OperationKind) -> bool {
+    kind == OperationKind::Create
+}
+
+/// Runs one attempt of each claimed operation of a batch (all of a kind that
+/// [`runs_batched`]); each outcome is what [`execute`] would return for it.
+pub async fn execute_batch(ctx: &JobContext, ops: Vec<Operation>) -> Vec<(Operation, JobResult)> {
+    create_batch::run(ctx, ops).await
+}
 
 /// Runs one attempt of a claimed operation.
 pub async fn execute(ctx: &JobContext, op: &Operation) -> JobResult {
