@@ -46,6 +46,10 @@ pub struct WorkerConfig {
     /// Reconciler tick interval (one tick cluster-wide per interval).
     #[arg(long, env = "HANGAR_RECONCILE_INTERVAL_MS", default_value_t = 2_000)]
     pub reconcile_interval_ms: u64,
+    /// Interval of the reconciler's inventory sweep, which lists every host's VMs and
+    /// compares them with every capsule (O(fleet), so less often than the tick).
+    #[arg(long, env = "HANGAR_INVENTORY_INTERVAL_MS", default_value_t = 10_000)]
+    pub inventory_interval_ms: u64,
     /// A host silent this long is marked unreachable and its capsules unknown.
     #[arg(long, env = "HANGAR_HOST_SILENT_SECS", default_value_t = 15.0)]
     pub host_silent_secs: f64,
@@ -84,6 +88,9 @@ impl WorkerConfig {
     }
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_millis(self.reconcile_interval_ms.max(10))
+    }
+    pub fn inventory_interval(&self) -> Duration {
+        Duration::from_millis(self.inventory_interval_ms.max(10))
     }
     pub fn orphan_grace(&self) -> Duration {
         Duration::from_secs_f64(self.orphan_grace_secs)

@@ -3,6 +3,9 @@
 //!
 //! Level-triggered: each tick looks at the whole state again, so a missed tick or a crash
 //! mid-tick loses nothing. Every repair is a conditional update; "already gone" is success.
+//! A tick's queries are index scans whose cost does not grow with the fleet, except the
+//! inventory sweep (every host's VMs against its capsules), which runs at its own, longer
+//! interval (`inventory_interval_ms`).
 
 use hangar_jobs::intents;
 use hangar_jobs::store::records::{self, NewEvent};
@@ -25,9 +28,12 @@ pub async fn run(ctx: JobContext, mut stop: watch::Receiver<bool>) {
             _ = interval.tick() => {}
             _ = stop.changed() => return,
         }
-        match take_tick(&ctx).await {
+        match take_turn(&ctx, "tick", ctx.config.reconcile_interval()).await {
             Ok(true) => {
-                if let Err(error) = tick(&ctx).await {
+                let inventory = take_turn(&ctx, "inventory", ctx.config.inventory_interval())
+                    .await
+                    .unwrap_or(false);
+                if let Err(error) = tick_with(&ctx, inventory).await {
                     warn!(%error, "reconciler tick failed; the next one retries");
                 }
             }
@@ -37,17 +43,16 @@ pub async fn run(ctx: JobContext, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One process wins each tick: the lease lives slightly less than one interval.
-async fn take_tick(ctx: &JobContext) -> redis::RedisResult<bool> {
-    let ttl = ctx
-        .config
-        .reconcile_interval()
-        .mul_f64(0.9)
-        .as_millis()
-        .max(1) as u64;
+/// One process wins each turn of `what`: the lease lives slightly less than one interval.
+async fn take_turn(
+    ctx: &JobContext,
+    what: &str,
+    interval: std::time::Duration,
+) -> redis::RedisResult<bool> {
+    let ttl = interval.mul_f64(0.9).as_millis().max(1) as u64;
     let mut conn = ctx.queue.connection();
     let won: Option<String> = redis::cmd("SET")
-        .arg(format!("{}:reconciler:tick", ctx.queue.prefix()))
+        .arg(format!("{}:reconciler:{what}", ctx.queue.prefix()))
         .arg(&ctx.worker)
         .arg("NX")
         .arg("PX")
@@ -70,18 +75,26 @@ pub struct Repairs {
     pub auto_paused: usize,
 }
 
-/// One reconciliation pass over everything.
+/// One reconciliation pass over everything, the inventory sweep included.
 pub async fn tick(ctx: &JobContext) -> Result<Repairs, StoreError> {
+    tick_with(ctx, true).await
+}
+
+/// One pass; the inventory sweep (every host's VMs against its capsules) only with
+/// `inventory`, since its cost grows with the fleet.
+async fn tick_with(ctx: &JobContext, inventory: bool) -> Result<Repairs, StoreError> {
     let mut repairs = Repairs::default();
     push_lost_jobs(ctx, &mut repairs).await?;
     mark_silent_hosts(ctx, &mut repairs).await?;
-    let hosts = {
-        let mut conn = ctx.pool.acquire().await?;
-        hosts::list(&mut conn).await?
-    };
-    for host in hosts.iter().filter(|h| h.status == "healthy") {
-        if let Err(error) = reconcile_host(ctx, host, &mut repairs).await {
-            warn!(%error, host = %host.name, "host reconciliation failed");
+    if inventory {
+        let hosts = {
+            let mut conn = ctx.pool.acquire().await?;
+            hosts::list(&mut conn).await?
+        };
+        for host in hosts.iter().filter(|h| h.status == "healthy") {
+            if let Err(error) = reconcile_host(ctx, host, &mut repairs).await {
+                warn!(%error, host = %host.name, "host reconciliation failed");
+            }
         }
     }
     settle_deadlines(ctx, &mut repairs).await?;

@@ -354,13 +354,21 @@ pub async fn needing_push(
     epoch: &str,
     limit: i64,
 ) -> StoreResult<Vec<(OperationKind, OperationId)>> {
+    // One branch per index of migration 0003.
     let rows = sqlx::query!(
-        r#"select id as "id: OperationId", kind as "kind: OperationKind" from operations
-           where status in ('queued', 'running', 'retrying')
-             and ((pushed_at is null and created_at < now() - make_interval(secs => $1))
-               or (pushed_at is not null and pushed_epoch is distinct from $2)
-               or (status in ('running', 'retrying') and lease_expires_at < now()
-                   and pushed_at < lease_expires_at))
+        r#"select id as "id!: OperationId", kind as "kind!: OperationKind" from (
+               select id, kind, created_at from operations
+               where pushed_at is null and status in ('queued', 'running', 'retrying')
+                 and created_at < now() - make_interval(secs => $1)
+               union
+               select id, kind, created_at from operations
+               where pushed_at is not null and status in ('queued', 'running', 'retrying')
+                 and (pushed_epoch < $2 or pushed_epoch > $2 or pushed_epoch is null)
+               union
+               select id, kind, created_at from operations
+               where status in ('running', 'retrying') and lease_expires_at < now()
+                 and pushed_at < lease_expires_at
+           ) lost
            order by created_at limit $3"#,
         unpushed_after_secs,
         epoch,
