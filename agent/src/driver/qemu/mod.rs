@@ -174,15 +174,38 @@ impl QemuDriver {
             .write(true)
             .open("/dev/kvm")
             .map_err(|e| DriverError::Unavailable(format!("/dev/kvm: {e}")))?;
+        self.boot_once("kvm-probe", Accel::Kvm, 1, 128, KVM_PROBE_DEADLINE)
+            .await
+    }
+
+    /// Boots the image cold with this driver's accelerator, waits for guest ready, and
+    /// removes the VM again: how long a boot takes here (for measurements).
+    pub async fn time_cold_boot(
+        &self,
+        vcpus: u32,
+        memory_mb: u32,
+    ) -> Result<Duration, DriverError> {
+        let accel = self.inner.accel;
+        self.boot_once("cold-boot", accel, vcpus, memory_mb, COLD_BOOT_DEADLINE)
+            .await
+    }
+
+    async fn boot_once(
+        &self,
+        name: &str,
+        accel: Accel,
+        vcpus: u32,
+        memory_mb: u32,
+        deadline: Duration,
+    ) -> Result<Duration, DriverError> {
         let image = self.image()?;
-        let machine = self.machine(&image, Accel::Kvm, 1, 128);
-        let dir = self.inner.layout.root.join("probe");
+        let machine = self.machine(&image, accel, vcpus, memory_mb);
+        let _guard = self.lock(format!("scratch:{name}")).await;
+        let dir = self.inner.layout.root.join(name);
         kill_recorded(&dir);
         let _ = files::remove_dir(&dir);
         let started = Instant::now();
-        let vm = self
-            .boot_cold(dir, "kvm-probe", machine, &image, KVM_PROBE_DEADLINE)
-            .await?;
+        let vm = self.boot_cold(dir, name, machine, &image, deadline).await?;
         let took = started.elapsed();
         vm.destroy().await?;
         Ok(took)
