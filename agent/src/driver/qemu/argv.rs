@@ -69,9 +69,8 @@ pub fn build(qemu: &Path, machine: &Machine, paths: &VmPaths<'_>, incoming: bool
         "-no-user-config".to_owned(),
         "-display".to_owned(),
         "none".to_owned(),
-        // A guest panic (panic=-1 reboots at once) ends the process, so it is reported
-        // as a crash instead of silently rebooting a capsule that lost its state.
-        "-no-reboot".to_owned(),
+        // No `-no-reboot`: under TCG a microvm often resets once before the kernel runs,
+        // and with it QEMU then exits at once (measured: most cold boots).
         "-kernel".to_owned(),
         p(&machine.kernel),
         "-initrd".to_owned(),
