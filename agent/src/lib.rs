@@ -314,5 +314,34 @@ mod tests {
             Cli::try_parse_from(["agent"]).is_err(),
             "the join token is required"
         );
+        // VM tests are run with HANGAR_IMAGE_DIR set; the default matters only without it.
+        if std::env::var_os("HANGAR_IMAGE_DIR").is_none() {
+            assert_eq!(config.image_dir, PathBuf::from(".hangar/image"));
+        }
+        assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
+        assert_eq!(config.accel, AccelSetting::Auto);
+    }
+
+    #[test]
+    fn qemu_flags() {
+        let config = Cli::try_parse_from([
+            "agent",
+            "--join-token",
+            "t",
+            "--driver",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--image-dir",
+            "/img",
+            "--qemu",
+            "/opt/qemu",
+        ])
+        .unwrap()
+        .agent;
+        assert_eq!(config.driver, DriverKind::Qemu);
+        assert_eq!(config.accel, AccelSetting::Tcg);
+        assert_eq!(config.image_dir, PathBuf::from("/img"));
+        assert_eq!(config.qemu, PathBuf::from("/opt/qemu"));
     }
 }

@@ -433,5 +433,30 @@ async fn a_killed_qemu_is_reported_as_crashed() {
     assert!(driver.list().await.unwrap().sandboxes.is_empty());
 }
 
+/// `auto` must never pick an accelerator whose probe boot fails (here `/dev/kvm` is a nested
+/// PVM that cannot run Debian's kernel, so this host gets TCG).
+#[tokio::test]
+async fn auto_accel_probes_kvm_and_falls_back() {
+    let Some(env) = vm_env() else { return };
+    let _serial = VM_LOCK.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _kill = KillGuard(dir.path().to_owned());
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = QemuConfig {
+        state_dir: dir.path().to_owned(),
+        image_dir: env.image_dir.clone(),
+        qemu: "qemu-system-x86_64".into(),
+        accel: AccelSetting::Auto,
+        vcpus: 2,
+        memory_mb: 1024,
+    };
+    let started = Instant::now();
+    let driver = QemuDriver::open(config, tx).await.unwrap();
+    eprintln!("auto picked {} in {:?}", driver.accel(), started.elapsed());
+    assert!(qemu_pids(dir.path()).is_empty(), "the probe VM is gone");
+    let probe_left = dir.path().join("qemu/kvm-probe");
+    assert!(!probe_left.exists() || std::fs::read_dir(&probe_left).unwrap().count() == 0);
+}
+
 #[path = "qemu/bench.rs"]
 mod bench;

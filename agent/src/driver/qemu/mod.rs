@@ -9,6 +9,7 @@
 pub mod argv;
 pub mod files;
 pub mod guest;
+mod process;
 pub mod qmp;
 mod vm;
 
@@ -21,7 +22,8 @@ use tokio::time::Instant;
 
 use self::argv::{Accel, Machine, VmPaths};
 use self::files::{Layout, RecordStatus, SnapshotManifest, VmFiles, VmRecord};
-use self::vm::{Boot, Vm};
+use self::process::Boot;
+use self::vm::Vm;
 use super::{
     CreateSpec, Driver, DriverError, EventSender, ExecOutput, ExecRequest, Inventory, SnapshotInfo,
     Usage, VmInfo, VmSource, VmState, now_ms,
