@@ -317,11 +317,29 @@ fn a_restarted_agent_re_adopts_running_vms() {
         assert_eq!(exec(&agent, &mut c, "cap_r", &write).await.1, 0);
         let pids = qemu_pids(dir.path());
         assert_eq!(pids.len(), 1);
+        c.create_sandbox(agent.authed(create_from_image("cap_d")))
+            .await
+            .unwrap();
         pids[0]
     });
     first.shutdown_background();
     std::thread::sleep(Duration::from_millis(200));
     assert!(files::process_alive(pid), "QEMU must outlive the agent");
+    // cap_d dies while no agent runs.
+    let doomed: Vec<i32> = qemu_pids(dir.path())
+        .into_iter()
+        .filter(|&p| p != pid)
+        .collect();
+    assert_eq!(doomed.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(doomed[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    while files::process_alive(doomed[0]) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let second = runtime();
     second.block_on(async {
@@ -331,9 +349,19 @@ fn a_restarted_agent_re_adopts_running_vms() {
             .list_sandboxes(agent.authed(ListSandboxesRequest {}))
             .await
             .unwrap();
-        let listed = listed.into_inner().sandboxes;
-        assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].state(), SandboxState::Running);
+        let mut listed = listed.into_inner().sandboxes;
+        listed.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        let states: Vec<_> = listed
+            .iter()
+            .map(|s| (s.sandbox_id.as_str(), s.state()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("cap_d", SandboxState::Crashed),
+                ("cap_r", SandboxState::Running)
+            ]
+        );
         assert_eq!(
             exec(&agent, &mut c, "cap_r", &["cat", "/data/f"]).await,
             ("kept\n".into(), 0)
@@ -349,10 +377,14 @@ fn a_restarted_agent_re_adopts_running_vms() {
         c.resume_sandbox(agent.authed(sandbox("cap_r")))
             .await
             .unwrap();
-        c.destroy_sandbox(agent.authed(sandbox("cap_r")))
-            .await
-            .unwrap();
+        for id in ["cap_r", "cap_d"] {
+            c.destroy_sandbox(agent.authed(sandbox(id))).await.unwrap();
+        }
         assert!(qemu_pids(dir.path()).is_empty());
+        let left = std::fs::read_dir(dir.path().join("qemu/vms"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "no VM files left");
         agent.stop().await;
     });
 }
