@@ -32,6 +32,11 @@ struct VmEnv {
 
 /// The image and QEMU, or `None` (after saying why) when a VM cannot run here.
 fn vm_env() -> Option<VmEnv> {
+    // The agent's logs (RUST_LOG=hangar_agent=debug) explain an internal error.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let image_dir = std::env::var_os("HANGAR_IMAGE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.hangar/image"));
@@ -250,6 +255,40 @@ async fn lifecycle_snapshot_and_restore_through_grpc() {
     assert_eq!(
         exec(&agent, &mut c, "cap_a", &["cat", "/data/f"]).await.0,
         "x\n"
+    );
+    // The worker's way: snapshot and leave it paused; it resumes from there later.
+    let paused_snap = CreateSnapshotRequest {
+        sandbox_id: "cap_b".into(),
+        snapshot_id: "tpl_2".into(),
+        resume_after: false,
+    };
+    c.create_snapshot(agent.authed(paused_snap)).await.unwrap();
+    let listed = c
+        .list_sandboxes(agent.authed(ListSandboxesRequest {}))
+        .await
+        .unwrap();
+    let b = listed
+        .into_inner()
+        .sandboxes
+        .into_iter()
+        .find(|s| s.sandbox_id == "cap_b");
+    assert_eq!(b.unwrap().state(), SandboxState::Paused);
+    c.resume_sandbox(agent.authed(sandbox("cap_b")))
+        .await
+        .unwrap();
+    assert_eq!(
+        exec(&agent, &mut c, "cap_b", &["cat", "/data/f"]).await.0,
+        "y\n"
+    );
+    let deleted = DeleteSnapshotRequest {
+        snapshot_id: "tpl_2".into(),
+    };
+    assert!(
+        c.delete_snapshot(agent.authed(deleted))
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
     );
 
     let listed = c

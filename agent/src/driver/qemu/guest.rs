@@ -60,7 +60,9 @@ impl GuestConn {
             let mut conn = Self {
                 stream,
                 buf: Vec::new(),
-                next_id: 1,
+                // Random, not 1: a restored guest may still send answers to the Hellos of
+                // the connection its snapshot was taken under, and they must not match ours.
+                next_id: rand::random_range(1..1u64 << 48),
                 boot_id: String::new(),
             };
             match conn.handshake(deadline).await {
