@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::control_plane::{ControlPlaneClient, Identity, Registration, maintain_session};
-use crate::driver::qemu::{AccelSetting, QemuConfig, QemuDriver};
+pub use crate::driver::qemu::AccelSetting;
+use crate::driver::qemu::{QemuConfig, QemuDriver};
 use crate::driver::sim::{SimConfig, SimDriver};
 use crate::driver::{Driver, DriverEvent};
 use crate::outbox::Outbox;
