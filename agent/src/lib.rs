@@ -19,6 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::control_plane::{ControlPlaneClient, Identity, Registration, maintain_session};
+pub use crate::driver::qemu::AccelSetting;
+use crate::driver::qemu::{QemuConfig, QemuDriver};
 use crate::driver::sim::{SimConfig, SimDriver};
 use crate::driver::{Driver, DriverEvent};
 use crate::outbox::Outbox;
@@ -30,6 +32,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DriverKind {
     Sim,
+    /// Real microVMs with QEMU (KVM or TCG, see `--accel`).
+    Qemu,
 }
 
 /// Flags and `HANGAR_*` variables of `hangar agent`. `Debug` redacts the join token.
@@ -77,6 +81,15 @@ pub struct AgentConfig {
     /// Sim: expected crashes per running VM per minute.
     #[arg(long, env = "HANGAR_SIM_CRASH_RATE", default_value_t = 0.0)]
     pub sim_crash_rate: f64,
+    /// Qemu: folder of the guest image (vmlinux, initramfs.cpio.gz, base.qcow2).
+    #[arg(long, env = "HANGAR_IMAGE_DIR", default_value = ".hangar/image")]
+    pub image_dir: PathBuf,
+    /// Qemu: the QEMU binary.
+    #[arg(long, env = "HANGAR_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Qemu: accelerator; `auto` uses KVM only when a probe boot of the image succeeds.
+    #[arg(long, env = "HANGAR_AGENT_ACCEL", value_enum, default_value_t = AccelSetting::Auto)]
+    pub accel: AccelSetting,
     #[arg(
         long = "heartbeat-interval-ms",
         env = "HANGAR_AGENT_HEARTBEAT_MS",
@@ -148,6 +161,21 @@ impl Agent {
                     crash_rate_per_min: c.sim_crash_rate,
                 };
                 let driver = SimDriver::open(sim, events_tx).context("opening the sim driver")?;
+                self.serve(Arc::new(driver), events_rx, shutdown).await
+            }
+            DriverKind::Qemu => {
+                let c = &self.config;
+                let qemu = QemuConfig {
+                    state_dir: c.state_dir.clone(),
+                    image_dir: c.image_dir.clone(),
+                    qemu: c.qemu.clone(),
+                    accel: c.accel,
+                    vcpus: c.vcpus,
+                    memory_mb: c.memory_mb,
+                };
+                let driver = QemuDriver::open(qemu, events_tx)
+                    .await
+                    .context("opening the qemu driver")?;
                 self.serve(Arc::new(driver), events_rx, shutdown).await
             }
         }
@@ -289,5 +317,34 @@ mod tests {
             Cli::try_parse_from(["agent"]).is_err(),
             "the join token is required"
         );
+        // VM tests are run with HANGAR_IMAGE_DIR set; the default matters only without it.
+        if std::env::var_os("HANGAR_IMAGE_DIR").is_none() {
+            assert_eq!(config.image_dir, PathBuf::from(".hangar/image"));
+        }
+        assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
+        assert_eq!(config.accel, AccelSetting::Auto);
+    }
+
+    #[test]
+    fn qemu_flags() {
+        let config = Cli::try_parse_from([
+            "agent",
+            "--join-token",
+            "t",
+            "--driver",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--image-dir",
+            "/img",
+            "--qemu",
+            "/opt/qemu",
+        ])
+        .unwrap()
+        .agent;
+        assert_eq!(config.driver, DriverKind::Qemu);
+        assert_eq!(config.accel, AccelSetting::Tcg);
+        assert_eq!(config.image_dir, PathBuf::from("/img"));
+        assert_eq!(config.qemu, PathBuf::from("/opt/qemu"));
     }
 }

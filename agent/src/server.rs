@@ -1,11 +1,12 @@
 //! The `HostAgent` gRPC service over any [`Driver`], and the bearer-token check in front of it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hangar_proto::host_agent_server::{HostAgent, HostAgentServer};
 use hangar_proto::{
     CreateSandboxRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
-    DestroySandboxResponse, GetHostInfoRequest, HostInfo, ListSandboxesRequest,
+    DestroySandboxResponse, ExecResponse, GetHostInfoRequest, HostInfo, ListSandboxesRequest,
     ListSandboxesResponse, Sandbox, SandboxRef, SandboxState, Snapshot,
 };
 use subtle::ConstantTimeEq;
@@ -15,7 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::driver::{
-    CreateSpec, Driver, DriverError, SnapshotInfo, VmInfo, VmSource, VmState, check_id,
+    CreateSpec, Driver, DriverError, ExecRequest, SnapshotInfo, VmInfo, VmSource, VmState, check_id,
 };
 use crate::secret::Secret;
 
@@ -110,6 +111,43 @@ impl TryFrom<CreateSandboxRequest> for CreateSpec {
             vcpus: req.vcpus,
             memory_mb: req.memory_mb,
             source,
+        })
+    }
+}
+
+const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+const DEFAULT_EXEC_OUTPUT: u64 = 1 << 20;
+/// Two streams of this much, base64 in one guest frame, stay under the 16 MiB frame limit.
+const MAX_EXEC_OUTPUT: u64 = 4 << 20;
+
+impl TryFrom<hangar_proto::ExecRequest> for ExecRequest {
+    type Error = DriverError;
+
+    fn try_from(req: hangar_proto::ExecRequest) -> Result<Self, Self::Error> {
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(DriverError::Invalid("argv must name a program".into()));
+        }
+        let timeout = match req.timeout_ms {
+            0 => DEFAULT_EXEC_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        if timeout > MAX_EXEC_TIMEOUT {
+            return Err(DriverError::Invalid(
+                "timeout_ms is at most one hour".into(),
+            ));
+        }
+        let max_output_bytes = match req.max_output_bytes {
+            0 => DEFAULT_EXEC_OUTPUT,
+            n => n.min(MAX_EXEC_OUTPUT),
+        };
+        Ok(Self {
+            argv: req.argv,
+            env: req.env.into_iter().map(|v| (v.name, v.value)).collect(),
+            cwd: Some(req.cwd).filter(|c| !c.is_empty()),
+            stdin: req.stdin,
+            timeout,
+            max_output_bytes,
         })
     }
 }
@@ -234,6 +272,25 @@ impl<D: Driver> HostAgent for HostAgentService<D> {
             memory_mb_used: usage.memory_mb_used,
             sandboxes: usage.sandboxes,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(sandbox_id = %request.get_ref().sandbox_id))]
+    async fn exec(
+        &self,
+        request: Request<hangar_proto::ExecRequest>,
+    ) -> Result<Response<ExecResponse>, Status> {
+        let req = request.into_inner();
+        check_id("sandbox", &req.sandbox_id)?;
+        let id = req.sandbox_id.clone();
+        let out = self.driver.exec(&id, ExecRequest::try_from(req)?).await?;
+        Ok(Response::new(ExecResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+            stdout_truncated: out.stdout_truncated,
+            stderr_truncated: out.stderr_truncated,
+            timed_out: out.timed_out,
         }))
     }
 }

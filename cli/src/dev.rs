@@ -172,6 +172,10 @@ fn agent_config(
         sim_error_rate: 0.0,
         sim_hang_rate: 0.0,
         sim_crash_rate: 0.0,
+        // Unused by the sim driver; the qemu driver's defaults.
+        image_dir: ".hangar/image".into(),
+        qemu: "qemu-system-x86_64".into(),
+        accel: hangar_agent::AccelSetting::Auto,
         heartbeat_interval_ms: 2_000,
     }
 }

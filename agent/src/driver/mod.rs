@@ -4,6 +4,7 @@
 //! QMP) implements the same trait. Every operation is idempotent, so a worker may retry any call
 //! whose answer it never saw.
 
+pub mod qemu;
 pub mod sim;
 mod sim_journal;
 
@@ -123,14 +124,22 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
     pub stdin: Vec<u8>,
+    /// The guest kills the command after this long.
     pub timeout: Duration,
+    /// Output past this many bytes per stream is dropped and flagged.
+    pub max_output_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// 128 + the signal number when the command was killed by a signal.
     pub exit_code: i32,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// The command ran into its timeout and was killed.
+    pub timed_out: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,6 +50,9 @@ impl World {
             sim_error_rate: 0.0,
             sim_hang_rate: 0.0,
             sim_crash_rate: 0.0,
+            image_dir: ".hangar/image".into(),
+            qemu: "qemu-system-x86_64".into(),
+            accel: hangar_agent::AccelSetting::Auto,
             heartbeat_interval_ms: 60_000,
         };
         let agent = hangar_agent::Agent::bind(config).await.unwrap();
