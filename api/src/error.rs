@@ -52,6 +52,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
+    /// The capsule's host agent did not answer; retrying later may work.
+    #[error("the capsule's host is unavailable: {0}")]
+    HostUnavailable(String),
     /// Anything the client cannot act on; logged, never shown.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -74,6 +77,7 @@ impl ApiError {
             | ApiError::NameTaken(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::HostUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +99,7 @@ impl ApiError {
             ApiError::NameTaken(_) => "name_taken",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::HostUnavailable(_) => "host_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -97,6 +97,8 @@ pub struct AppState {
     /// Base-image templates by team and name (snapshot templates are always looked up).
     pub(crate) image_templates:
         Arc<cache::TtlCache<(hangar_jobs::TeamId, String), hangar_jobs::store::Template>>,
+    /// Clients of the host agents, for `exec`.
+    pub(crate) agents: hangar_jobs::agents::AgentPool,
     /// Stops the LISTEN task when the last clone of the state is dropped.
     _listener: Arc<ListenerTask>,
 }
@@ -121,6 +123,9 @@ impl AppState {
             waiters,
             principals: Arc::default(),
             image_templates: Arc::default(),
+            agents: hangar_jobs::agents::AgentPool::new(std::time::Duration::from_secs(
+                capsules::MAX_EXEC_TIMEOUT_SECS + 30,
+            )),
             _listener: Arc::new(listener),
         })
     }

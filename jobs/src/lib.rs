@@ -1,7 +1,8 @@
 //! Hangar's domain: typed ids, the capsule state machine, the Postgres store, the job
-//! transport on Redis, and the enqueue path. `api` and `worker` depend on this crate;
-//! it knows neither HTTP nor gRPC.
+//! transport on Redis, the enqueue path, and the client pool of the host agents' gRPC API.
+//! `api` and `worker` depend on this crate; it serves neither HTTP nor gRPC.
 
+pub mod agents;
 pub mod enqueue;
 pub mod ids;
 pub mod intents;

@@ -6,7 +6,7 @@ use hangar_jobs::queue::JobQueue;
 use hangar_jobs::store::PgPool;
 
 use crate::WorkerConfig;
-use crate::agents::AgentPool;
+use hangar_jobs::agents::AgentPool;
 
 #[derive(Clone)]
 pub struct JobContext {

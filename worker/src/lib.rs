@@ -1,7 +1,6 @@
 //! Hangar's workers: a consumer per job kind, the agent client pool, placement, and the
 //! reconciler. Run as many worker processes as you like, each with a unique name.
 
-pub mod agents;
 mod context;
 mod jobs;
 pub mod reconciler;
@@ -117,7 +116,8 @@ fn default_worker_name() -> String {
 /// Builds the shared context of one worker process.
 pub fn context(pool: PgPool, queue: JobQueue, config: WorkerConfig) -> JobContext {
     let worker = config.name.clone().unwrap_or_else(default_worker_name);
-    let agents = agents::AgentPool::new(Duration::from_secs_f64(config.agent_timeout_secs));
+    let agents =
+        hangar_jobs::agents::AgentPool::new(Duration::from_secs_f64(config.agent_timeout_secs));
     JobContext {
         pool,
         queue,

@@ -435,14 +435,46 @@ impl Driver for SimDriver {
             .apply(|s| Ok((s.usage(&self.inner.config), false)))
     }
 
+    /// A simulated guest knows one program, `echo`; anything else exits 127 as a shell's
+    /// "command not found" would. Enough to drive the exec path without a VM.
     async fn exec(
         &self,
-        _sandbox_id: &str,
-        _request: ExecRequest,
+        sandbox_id: &str,
+        request: ExecRequest,
     ) -> Result<ExecOutput, DriverError> {
-        Err(DriverError::Invalid(
-            "exec is not supported by the sim driver".to_owned(),
-        ))
+        self.call(|s| {
+            let vm = s
+                .vms
+                .get(sandbox_id)
+                .ok_or_else(|| DriverError::sandbox_not_found(sandbox_id))?;
+            if vm.state != VmState::Running {
+                return Err(DriverError::WrongState {
+                    current: vm.state,
+                    wanted: VmState::Running,
+                });
+            }
+            let output = match request.argv.split_first() {
+                Some((program, args)) if program == "echo" => {
+                    let mut stdout = args.join(" ").into_bytes();
+                    stdout.push(b'\n');
+                    let limit = usize::try_from(request.max_output_bytes).unwrap_or(usize::MAX);
+                    let truncated = stdout.len() > limit;
+                    stdout.truncate(limit);
+                    ExecOutput {
+                        stdout,
+                        stdout_truncated: truncated,
+                        ..ExecOutput::default()
+                    }
+                }
+                _ => ExecOutput {
+                    stderr: b"sim: only `echo` runs in a simulated sandbox\n".to_vec(),
+                    exit_code: 127,
+                    ..ExecOutput::default()
+                },
+            };
+            Ok((output, false))
+        })
+        .await
     }
 }
 

@@ -240,9 +240,41 @@ async fn invalid_rates_are_rejected() {
 }
 
 #[tokio::test]
-async fn exec_is_unsupported() {
+async fn exec_echoes_in_running_sandboxes_only() {
     let dir = tempfile::tempdir().unwrap();
     let (sim, _events) = open(config(dir.path()));
-    let err = sim.exec("cap_a", ExecRequest::default()).await.unwrap_err();
-    assert!(err.to_string().contains("not supported by the sim driver"));
+    let echo = |words: &[&str], max: u64| ExecRequest {
+        argv: words.iter().map(|w| w.to_string()).collect(),
+        timeout: std::time::Duration::from_secs(1),
+        max_output_bytes: max,
+        ..ExecRequest::default()
+    };
+    assert!(matches!(
+        sim.exec("cap_a", echo(&["echo", "hi"], 64)).await,
+        Err(DriverError::NotFound { .. })
+    ));
+    sim.create(spec("cap_a", 1, 256)).await.unwrap();
+    let out = sim
+        .exec("cap_a", echo(&["echo", "hi", "there"], 64))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.exit_code),
+        (&b"hi there\n"[..], 0)
+    );
+    let out = sim
+        .exec("cap_a", echo(&["echo", "hello"], 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stdout_truncated),
+        (&b"hel"[..], true)
+    );
+    let out = sim.exec("cap_a", echo(&["ls"], 64)).await.unwrap();
+    assert_eq!(out.exit_code, 127);
+    sim.pause("cap_a").await.unwrap();
+    assert!(matches!(
+        sim.exec("cap_a", echo(&["echo"], 64)).await,
+        Err(DriverError::WrongState { .. })
+    ));
 }

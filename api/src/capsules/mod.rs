@@ -25,6 +25,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/capsules/{id}/resume", post(resume))
         .route("/v1/capsules/{id}/snapshot", post(team_snapshot))
         .route("/v1/capsules/{id}/keepalive", post(keepalive))
+        .route("/v1/capsules/{id}/exec", post(exec::exec))
 }
 
 pub(crate) fn admin_router() -> Router<AppState> {
@@ -37,7 +38,10 @@ pub(crate) fn admin_router() -> Router<AppState> {
         .route("/v1/admin/capsules/{id}/snapshot", post(admin_snapshot))
 }
 
+mod exec;
 mod requests;
+
+pub(crate) use exec::MAX_TIMEOUT_SECS as MAX_EXEC_TIMEOUT_SECS;
 
 use requests::{
     AdminListQuery, AdminSnapshotBody, CreateCapsuleBody, KeepaliveBody, NewCapsule, SnapshotBody,

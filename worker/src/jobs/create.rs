@@ -26,7 +26,7 @@ pub(super) async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
     agent
         .create_sandbox(request)
         .await
-        .map_err(crate::agents::AgentError::from)?;
+        .map_err(hangar_jobs::agents::AgentError::from)?;
     let result = json!({ "host_id": host.id, "host": host.name });
     complete(
         ctx,

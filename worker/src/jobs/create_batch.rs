@@ -21,8 +21,8 @@ use tracing::warn;
 
 use super::create::{self, sandbox_request};
 use super::{JobError, JobResult};
-use crate::agents::{AgentClient, AgentError};
 use crate::context::JobContext;
+use hangar_jobs::agents::{AgentClient, AgentError};
 
 /// A create ready for its agent call.
 struct Ready {

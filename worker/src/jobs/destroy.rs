@@ -8,8 +8,8 @@ use hangar_proto::SandboxRef;
 use serde_json::json;
 
 use super::{JobError, JobResult, agent_for, complete, load_capsule, supersede};
-use crate::agents::AgentError;
 use crate::context::JobContext;
+use hangar_jobs::agents::AgentError;
 
 pub async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
     let mut capsule = load_capsule(ctx, op).await?;

@@ -6,8 +6,8 @@ use hangar_proto::SandboxRef;
 use serde_json::json;
 
 use super::{JobResult, agent_for, capsule_at, complete};
-use crate::agents::AgentError;
 use crate::context::JobContext;
+use hangar_jobs::agents::AgentError;
 
 pub async fn pause(ctx: &JobContext, op: &Operation) -> JobResult {
     let capsule = capsule_at(ctx, op, CapsuleStatus::Pausing).await?;

@@ -19,8 +19,8 @@ use hangar_jobs::{CapsuleStatus, OperationKind, OperationStatus};
 use serde_json::Value;
 use tracing::warn;
 
-use crate::agents::{AgentClient, AgentError};
 use crate::context::JobContext;
+use hangar_jobs::agents::{AgentClient, AgentError};
 
 /// How a job attempt failed, which decides what happens next.
 #[derive(Debug, Clone, thiserror::Error)]

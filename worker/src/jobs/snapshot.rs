@@ -16,8 +16,8 @@ use serde_json::json;
 use tracing::warn;
 
 use super::{JobError, JobResult, agent_for, capsule_at, complete, load_capsule};
-use crate::agents::AgentError;
 use crate::context::JobContext;
+use hangar_jobs::agents::AgentError;
 
 #[derive(Deserialize)]
 struct Params {

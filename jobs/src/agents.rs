@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hangar_jobs::HostId;
-use hangar_jobs::store::Host;
+use crate::HostId;
+use crate::store::Host;
 use hangar_proto::host_agent_client::HostAgentClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
