@@ -98,7 +98,7 @@ impl Cluster {
 
     /// Starts an agent named `name` (its state folder survives restarts under that name).
     pub async fn spawn_agent(&mut self, name: &str, extra_env: &[(&str, &str)]) {
-        let state = self.dir.join(format!("state-{name}"));
+        let state = self.agent_state_dir(name);
         let listen = format!("127.0.0.1:{}", free_port());
         let args = [
             "agent",
@@ -111,21 +111,41 @@ impl Cluster {
         ];
         self.spawn(name, &args, extra_env);
         let name = name.to_owned();
+        // Registered from this process: a restarted agent listens on a new address.
+        let address = format!("http://{listen}");
         self.wait_until(
             "the agent registers and heartbeats",
             Duration::from_secs(30),
             |c| {
-                let name = name.clone();
+                let (name, address) = (name.clone(), address.clone());
                 Box::pin(async move {
                     let hosts = c.admin_get("/v1/admin/hosts").await;
                     hosts["hosts"].as_array().is_some_and(|hs| {
-                        hs.iter()
-                            .any(|h| h["name"] == name.as_str() && h["status"] == "healthy")
+                        hs.iter().any(|h| {
+                            h["name"] == name.as_str()
+                                && h["address"] == address.as_str()
+                                && h["status"] == "healthy"
+                        })
                     })
                 })
             },
         )
         .await;
+    }
+
+    /// The state folder of the agent named `name`.
+    pub fn agent_state_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("state-{name}"))
+    }
+
+    /// DELETEs and expects 202; returns (operation id, capsule id).
+    pub async fn accepted_delete(&self, path: &str) -> (String, String) {
+        let (status, body) = self.request(reqwest::Method::DELETE, path, None).await;
+        assert_eq!(status, 202, "DELETE {path}: {body}");
+        (
+            body["operation"]["id"].as_str().unwrap().to_owned(),
+            body["capsule"]["id"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// SIGKILL: no chance to clean up, like a crash.
@@ -245,10 +265,29 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // VM processes outlive their agent by design: kill those under this cluster's folder.
+        kill_processes_mentioning(&self.dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("process logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+fn kill_processes_mentioning(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let needle = dir.to_string_lossy().into_owned();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
     }
 }
