@@ -213,7 +213,7 @@ impl Agent {
             join_token: config.join_token.clone(),
             name: host_name.clone(),
             address: advertise,
-            driver: driver.name().to_owned(),
+            driver: driver.description(),
             agent_token: identity.agent_token.clone(),
             vcpus: config.vcpus,
             memory_mb: config.memory_mb,
@@ -254,7 +254,7 @@ impl Agent {
             })
         };
 
-        tracing::info!(%addr, driver = driver.name(), host_name, "agent listening");
+        tracing::info!(%addr, driver = driver.description(), host_name, "agent listening");
         let service = server::service(driver, host_name, &agent_token);
         let mut stop = stop_rx;
         let served = tonic::transport::Server::builder()

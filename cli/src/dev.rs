@@ -34,9 +34,93 @@ pub struct DevArgs {
     /// Address of the in-process host agent's gRPC server.
     #[arg(long, env = "HANGAR_AGENT_LISTEN", default_value = "127.0.0.1:7001")]
     agent_listen: SocketAddr,
+    /// The VMM driver: `auto` runs real VMs (`qemu`) when QEMU and the guest image are
+    /// there (building the image when `ops/build-guest-image.sh` is at hand), else `sim`.
+    #[arg(long, env = "HANGAR_DEV_DRIVER", value_enum, default_value_t = DevDriver::Auto)]
+    driver: DevDriver,
+    /// The guest image (kernel, initramfs, base disk) of the qemu driver.
+    #[arg(long, env = "HANGAR_IMAGE_DIR", default_value = ".hangar/image")]
+    image_dir: PathBuf,
+    /// The qemu driver's accelerator: `auto` uses KVM only when a probe boot works.
+    #[arg(long, env = "HANGAR_AGENT_ACCEL", value_enum, default_value_t = hangar_agent::AccelSetting::Auto)]
+    accel: hangar_agent::AccelSetting,
     /// Simulated latency of each VM operation of the `sim` driver, in milliseconds.
     #[arg(long, env = "HANGAR_SIM_LATENCY_MS", default_value_t = 50)]
     sim_latency_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DevDriver {
+    Auto,
+    Qemu,
+    Sim,
+}
+
+const QEMU: &str = "qemu-system-x86_64";
+const IMAGE_FILES: [&str; 3] = ["vmlinux", "initramfs.cpio.gz", "base.qcow2"];
+const IMAGE_SCRIPT: &str = "ops/build-guest-image.sh";
+
+/// The driver `--driver` asks for; `auto` says why it falls back to `sim`.
+fn choose_driver(args: &DevArgs) -> hangar_agent::DriverKind {
+    use hangar_agent::DriverKind;
+    match args.driver {
+        DevDriver::Sim => return DriverKind::Sim,
+        DevDriver::Qemu => return DriverKind::Qemu,
+        DevDriver::Auto => {}
+    }
+    let qemu_runs = std::process::Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu_runs {
+        println!(
+            "{QEMU} not found: running simulated VMs (driver: sim). For real VMs: bash ops/install-deps.sh"
+        );
+        return DriverKind::Sim;
+    }
+    let image_ready = |dir: &std::path::Path| IMAGE_FILES.iter().all(|f| dir.join(f).exists());
+    // The script is cached: it rebuilds only when its inputs changed.
+    if std::path::Path::new(IMAGE_SCRIPT).exists() {
+        println!("checking the guest image ({IMAGE_SCRIPT})");
+        let built = std::process::Command::new("bash")
+            .arg(IMAGE_SCRIPT)
+            .arg(&args.image_dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built {
+            println!("building the guest image failed (see above)");
+        }
+    }
+    if image_ready(&args.image_dir) {
+        DriverKind::Qemu
+    } else {
+        println!(
+            "no guest image in {}: running simulated VMs (driver: sim). For real VMs: bash {IMAGE_SCRIPT}",
+            args.image_dir.display()
+        );
+        DriverKind::Sim
+    }
+}
+
+/// What the host registered as its driver (e.g. `qemu (tcg)`), once it has registered
+/// (heartbeated since `since`: the row of an earlier run does not count).
+async fn registered_driver(
+    pool: &hangar_jobs::store::PgPool,
+    address: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    for _ in 0..600 {
+        if let Ok(mut conn) = pool.acquire().await
+            && let Ok(hosts) = store::hosts::list(&mut conn).await
+            && let Some(host) = hosts
+                .into_iter()
+                .find(|h| h.address == address && h.last_heartbeat_at >= since)
+        {
+            return Some(host.driver);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -124,12 +208,16 @@ async fn run_services(
         stop_rx.clone(),
     ));
 
-    let agent_config = agent_config(args, data_dir, &join_token);
+    let agent_config = agent_config(args, data_dir, &join_token, choose_driver(args));
+    let started = chrono::Utc::now();
     let agent = tokio::spawn(hangar_agent::run(agent_config, stopped(stop_rx.clone())));
+    let driver = registered_driver(&pool, &format!("http://{}", args.agent_listen), started)
+        .await
+        .unwrap_or_else(|| "the agent has not registered yet: see the log".into());
 
     let url = format!("http://{}", args.listen);
     println!();
-    println!("Hangar is running (driver: sim).");
+    println!("Hangar is running (driver: {driver}).");
     println!("  API:        {url}");
     println!("  admin key:  {admin_key}");
     println!(
@@ -151,11 +239,12 @@ async fn run_services(
     Ok(())
 }
 
-/// The in-process agent: the `sim` driver, its state under the data folder.
+/// The in-process agent, its state under the data folder.
 fn agent_config(
     args: &DevArgs,
     data_dir: &std::path::Path,
     join_token: &str,
+    driver: hangar_agent::DriverKind,
 ) -> hangar_agent::AgentConfig {
     hangar_agent::AgentConfig {
         listen: args.agent_listen,
@@ -164,7 +253,7 @@ fn agent_config(
         join_token: hangar_agent::secret::Secret::new(join_token),
         host_name: Some("dev-host".into()),
         state_dir: data_dir.join("agent"),
-        driver: hangar_agent::DriverKind::Sim,
+        driver,
         vcpus: 64,
         memory_mb: 262_144,
         sim_latency_ms: args.sim_latency_ms,
@@ -172,10 +261,9 @@ fn agent_config(
         sim_error_rate: 0.0,
         sim_hang_rate: 0.0,
         sim_crash_rate: 0.0,
-        // Unused by the sim driver; the qemu driver's defaults.
-        image_dir: ".hangar/image".into(),
-        qemu: "qemu-system-x86_64".into(),
-        accel: hangar_agent::AccelSetting::Auto,
+        image_dir: args.image_dir.clone(),
+        qemu: QEMU.into(),
+        accel: args.accel,
         heartbeat_interval_ms: 2_000,
     }
 }

@@ -167,8 +167,14 @@ pub type EventSender = tokio::sync::mpsc::UnboundedSender<DriverEvent>;
 /// A VMM backend. All methods are idempotent (see the module docs); ids are validated by the
 /// caller with [`check_id`].
 pub trait Driver: Send + Sync + 'static {
-    /// The name reported to the control plane ("sim", "qemu").
+    /// The driver's name ("sim", "qemu").
     fn name(&self) -> &'static str;
+
+    /// What the host registers as its driver, for operators: the name, and what matters
+    /// about how it runs (the qemu driver's accelerator).
+    fn description(&self) -> String {
+        self.name().to_owned()
+    }
 
     /// Creates and starts a VM; returns the existing one if `sandbox_id` is taken.
     fn create(&self, spec: CreateSpec) -> impl Future<Output = Result<VmInfo, DriverError>> + Send;

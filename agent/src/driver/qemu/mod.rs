@@ -385,6 +385,10 @@ impl Driver for QemuDriver {
         "qemu"
     }
 
+    fn description(&self) -> String {
+        format!("qemu ({})", self.inner.accel)
+    }
+
     async fn create(&self, spec: CreateSpec) -> Result<VmInfo, DriverError> {
         if spec.vcpus == 0 || spec.memory_mb < 64 {
             return Err(DriverError::Invalid(
