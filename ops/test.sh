@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # ops/test.sh [extra `cargo test` args]   THE test command (CI runs it through .ci/run).
 #
-# Installs missing system packages (ops/install-deps.sh), starts a private Postgres and Redis
+# Installs missing system packages (ops/install-deps.sh, QEMU included), builds the guest image
+# when missing or stale (ops/build-guest-image.sh, cached), starts a private Postgres and Redis
 # (ops/with-services.sh, which stops them at the end whatever happens), then, failing fast:
 # cargo fmt --check, clippy with warnings denied, the build of every binary, and the tests
 # (two test threads unless the extra args say otherwise). Queries are checked at compile time
 # against the committed .sqlx/ cache (SQLX_OFFLINE=true), not against the fresh database.
+# The real-VM tests are required (HANGAR_REQUIRE_VM=1 unless set otherwise).
 #   ops/test.sh                            everything
 #   ops/test.sh -p hangar-jobs -- store    one crate, tests matching `store`
 set -euo pipefail
@@ -17,12 +19,17 @@ if [ -z "${HANGAR_SERVICES_DIR:-}" ]; then
     section "system packages (ops/install-deps.sh)"
     bash ops/install-deps.sh
     command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+    section "guest image (ops/build-guest-image.sh)"
+    bash ops/build-guest-image.sh
     section "services (ops/with-services.sh)"
     # Runs this script again inside, with the services' URLs in the environment.
     exec bash ops/with-services.sh bash "${BASH_SOURCE[0]}" "$@"
 fi
 
 export SQLX_OFFLINE=true
+# The VM tests (QEMU, under TCG where KVM is unusable) run for real: missing QEMU or image fails.
+export HANGAR_REQUIRE_VM=${HANGAR_REQUIRE_VM:-1}
+export HANGAR_IMAGE_DIR=${HANGAR_IMAGE_DIR:-$PWD/.hangar/image}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 [ -d .sqlx ] || echo "warning: no .sqlx/ query cache; the build of query! macros will fail (cargo sqlx prepare --workspace)" >&2
 
