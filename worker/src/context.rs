@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use hangar_jobs::agents::AgentPool;
 use hangar_jobs::queue::JobQueue;
 use hangar_jobs::store::PgPool;
 
 use crate::WorkerConfig;
-use hangar_jobs::agents::AgentPool;
 
 #[derive(Clone)]
 pub struct JobContext {

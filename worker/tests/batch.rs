@@ -8,43 +8,17 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hangar_jobs::intents::{self, CreateCapsule};
-use hangar_jobs::store::tenancy::{self, PLATFORM_TEAM};
-use hangar_jobs::store::{Operation, capsules, hosts, operations, records};
+use hangar_jobs::intents;
+use hangar_jobs::store::{Operation, capsules, hosts, records};
 use hangar_jobs::{CapsuleStatus, OperationId, OperationKind, OperationStatus, enqueue};
 use tokio::sync::watch;
 
 async fn create(world: &World, vcpus: i32) -> intents::Accepted {
-    let mut tx = world.env.pool.begin().await.unwrap();
-    let template = tenancy::template_for_team(&mut tx, PLATFORM_TEAM, "base")
-        .await
-        .unwrap()
-        .unwrap();
-    let create = CreateCapsule {
-        team_id: PLATFORM_TEAM,
-        template,
-        vcpus,
-        memory_mb: 256,
-        timeout_sec: 600,
-        metadata: serde_json::json!({}),
-        max_attempts: 3,
-    };
-    let accepted = intents::create_capsule(&mut tx, create).await.unwrap();
-    tx.commit().await.unwrap();
-    accepted
+    create_intent_sized(&world.env, vcpus, 256).await
 }
 
 async fn wait_terminal(world: &World, op: OperationId) -> Operation {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut conn = world.env.pool.acquire().await.unwrap();
-        let row = operations::get(&mut conn, None, op).await.unwrap().unwrap();
-        if row.status.is_terminal() {
-            return row;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{row:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_terminal(world, op, Duration::from_secs(30)).await
 }
 
 #[tokio::test]

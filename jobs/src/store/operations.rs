@@ -174,28 +174,7 @@ pub async fn claim(
     worker: &str,
     lease_secs: f64,
 ) -> StoreResult<Option<Operation>> {
-    let op = sqlx::query_as!(
-        Operation,
-        r#"update operations
-           set status = 'running', attempts = attempts + 1, lease_owner = $2,
-               lease_expires_at = now() + make_interval(secs => $3),
-               started_at = coalesce(started_at, now()), updated_at = now()
-           where id = $1
-             and (status = 'queued'
-                  or (status in ('running', 'retrying')
-                      and (lease_owner = $2 or lease_expires_at < now())))
-           returning id as "id: OperationId", team_id as "team_id: TeamId",
-                     capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
-                     status as "status: OperationStatus", generation, attempts, max_attempts,
-                     last_error, error_code, step, params, result, created_at, started_at,
-                     finished_at, updated_at"#,
-        id.0,
-        worker,
-        lease_secs,
-    )
-    .fetch_optional(conn)
-    .await?;
-    Ok(op)
+    Ok(claim_many(conn, &[id.0], worker, lease_secs).await?.pop())
 }
 
 /// Claims every operation of `ids` that [`claim`] would, in one statement; the others

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use futures::future::join_all;
+use hangar_jobs::agents::{AgentClient, AgentError};
 use hangar_jobs::enqueue;
 use hangar_jobs::store::completions::{self, Completion};
 use hangar_jobs::store::hosts::{self, Placement};
@@ -20,9 +21,8 @@ use serde_json::json;
 use tracing::warn;
 
 use super::create::{self, sandbox_request};
-use super::{JobError, JobResult};
+use super::{JobError, JobResult, agent_on};
 use crate::context::JobContext;
-use hangar_jobs::agents::{AgentClient, AgentError};
 
 /// A create ready for its agent call.
 struct Ready {
@@ -160,7 +160,7 @@ async fn create_sandboxes(
     for r in &placed {
         let host_id = r.capsule.host_id.expect("placed");
         if let std::collections::hash_map::Entry::Vacant(slot) = agents.entry(host_id) {
-            slot.insert(agent_for(ctx, host_id).await);
+            slot.insert(agent_on(ctx, host_id).await);
         }
     }
     let calls = placed.into_iter().map(|r| {
@@ -186,18 +186,6 @@ async fn create_sandboxes(
         }
     }
     (created, failed)
-}
-
-async fn agent_for(ctx: &JobContext, host_id: HostId) -> Result<(Host, AgentClient), JobError> {
-    let mut conn = ctx.pool.acquire().await?;
-    let host = hosts::get(&mut conn, host_id)
-        .await?
-        .ok_or_else(|| JobError::Permanent {
-            code: "host_gone",
-            message: "the capsule's host is no longer registered".into(),
-        })?;
-    let client = ctx.agents.client(&host)?;
-    Ok((host, client))
 }
 
 /// Marks the created capsules running, their operations succeeded and records the events,

@@ -3,13 +3,13 @@
 //! capsule stopped. Destroy supersedes: it acts on the capsule's current generation.
 
 use hangar_jobs::CapsuleStatus;
+use hangar_jobs::agents::AgentError;
 use hangar_jobs::store::{Operation, capsules, operations};
 use hangar_proto::SandboxRef;
 use serde_json::json;
 
 use super::{JobError, JobResult, agent_for, complete, load_capsule, supersede};
 use crate::context::JobContext;
-use hangar_jobs::agents::AgentError;
 
 pub async fn run(ctx: &JobContext, op: &Operation) -> JobResult {
     let mut capsule = load_capsule(ctx, op).await?;

@@ -1,13 +1,13 @@
 //! `pause` and `resume`: one agent call each.
 
 use hangar_jobs::CapsuleStatus;
+use hangar_jobs::agents::AgentError;
 use hangar_jobs::store::{Operation, capsules};
 use hangar_proto::SandboxRef;
 use serde_json::json;
 
 use super::{JobResult, agent_for, capsule_at, complete};
 use crate::context::JobContext;
-use hangar_jobs::agents::AgentError;
 
 pub async fn pause(ctx: &JobContext, op: &Operation) -> JobResult {
     let capsule = capsule_at(ctx, op, CapsuleStatus::Pausing).await?;

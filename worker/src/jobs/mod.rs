@@ -11,16 +11,16 @@ mod host_event;
 mod lifecycle;
 mod snapshot;
 
+use hangar_jobs::agents::{AgentClient, AgentError};
 use hangar_jobs::enqueue;
 use hangar_jobs::store::operations::{self, Outcome};
 use hangar_jobs::store::records::{self, NewEvent};
 use hangar_jobs::store::{self, Capsule, Host, Operation, StoreError, capsules};
-use hangar_jobs::{CapsuleStatus, OperationKind, OperationStatus};
+use hangar_jobs::{CapsuleStatus, HostId, OperationKind, OperationStatus};
 use serde_json::Value;
 use tracing::warn;
 
 use crate::context::JobContext;
-use hangar_jobs::agents::{AgentClient, AgentError};
 
 /// How a job attempt failed, which decides what happens next.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -127,6 +127,11 @@ async fn agent_for(ctx: &JobContext, capsule: &Capsule) -> Result<(Host, AgentCl
         code: "not_placed",
         message: "capsule has no host".into(),
     })?;
+    agent_on(ctx, host_id).await
+}
+
+/// A host and a client to its agent.
+async fn agent_on(ctx: &JobContext, host_id: HostId) -> Result<(Host, AgentClient), JobError> {
     let mut conn = ctx.pool.acquire().await?;
     let host = store::hosts::get(&mut conn, host_id)
         .await?

@@ -7,6 +7,7 @@
 //!    only now, so the old template is never lost before the new one exists;
 //! 3. `stopping` (destroy after): the capsule moved to `stopping`; then the VM is destroyed.
 
+use hangar_jobs::agents::AgentError;
 use hangar_jobs::store::tenancy::{self, NewSnapshotTemplate, PLATFORM_TEAM};
 use hangar_jobs::store::{Capsule, Operation, capsules, operations};
 use hangar_jobs::{CapsuleStatus, TemplateId};
@@ -17,7 +18,6 @@ use tracing::warn;
 
 use super::{JobError, JobResult, agent_for, capsule_at, complete, load_capsule};
 use crate::context::JobContext;
-use hangar_jobs::agents::AgentError;
 
 #[derive(Deserialize)]
 struct Params {

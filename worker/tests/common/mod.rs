@@ -238,6 +238,11 @@ impl World {
 }
 
 pub async fn create_intent(env: &TestEnv) -> intents::Accepted {
+    create_intent_sized(env, 1, 128).await
+}
+
+/// A committed create intent of the base template with these sizes, not pushed.
+pub async fn create_intent_sized(env: &TestEnv, vcpus: i32, memory_mb: i32) -> intents::Accepted {
     let mut tx = env.pool.begin().await.unwrap();
     let template = tenancy::template_for_team(&mut tx, PLATFORM_TEAM, "base")
         .await
@@ -246,8 +251,8 @@ pub async fn create_intent(env: &TestEnv) -> intents::Accepted {
     let create = CreateCapsule {
         team_id: PLATFORM_TEAM,
         template,
-        vcpus: 1,
-        memory_mb: 128,
+        vcpus,
+        memory_mb,
         timeout_sec: 600,
         metadata: serde_json::json!({}),
         max_attempts: 5,
@@ -282,13 +287,18 @@ pub async fn settle(world: &World, op: OperationId) {
 }
 
 pub async fn settle_within(world: &World, op: OperationId, limit: Duration) {
+    let row = wait_terminal(world, op, limit).await;
+    assert_eq!(row.status, OperationStatus::Succeeded, "{row:?}");
+}
+
+/// Waits for an operation to end, whatever its outcome (polling the row).
+pub async fn wait_terminal(world: &World, op: OperationId, limit: Duration) -> Operation {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let mut conn = world.env.pool.acquire().await.unwrap();
         let row = operations::get(&mut conn, None, op).await.unwrap().unwrap();
         if row.status.is_terminal() {
-            assert_eq!(row.status, OperationStatus::Succeeded, "{row:?}");
-            return;
+            return row;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
