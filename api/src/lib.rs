@@ -12,6 +12,7 @@ mod cache;
 mod capsules;
 mod domain;
 pub mod error;
+mod events;
 mod extract;
 mod hosts;
 mod idempotency;
@@ -158,6 +159,7 @@ pub fn router(state: AppState) -> Router {
         .merge(capsules::router())
         .merge(capsules::admin_router())
         .merge(operations::router())
+        .merge(events::router())
         .merge(templates::router())
         .merge(admin::router())
         .merge(hosts::router())

@@ -55,6 +55,84 @@ pub async fn capsule_events(
     Ok(events)
 }
 
+/// Where an event stands in the stream's order: its transaction id, then its id (see
+/// migration 0004: later commits always sort after what a reader has taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EventPosition {
+    pub xid: i64,
+    pub id: i64,
+}
+
+/// Events after `after` that are safe to hand out (their transaction is older than every
+/// transaction still running), in stream order; of one team and one capsule when given.
+pub async fn events_after(
+    conn: &mut PgConnection,
+    after: EventPosition,
+    team: Option<TeamId>,
+    capsule: Option<CapsuleId>,
+    limit: i64,
+) -> StoreResult<Vec<(EventPosition, Event)>> {
+    let rows = sqlx::query!(
+        r#"select xid::text::int8 as "xid!", id, team_id as "team_id: TeamId",
+                  capsule_id as "capsule_id?: CapsuleId",
+                  operation_id as "operation_id?: OperationId", kind, from_status, to_status,
+                  message, created_at
+           from events
+           where (xid, id) > ($1::int8::text::xid8, $2)
+             and xid < pg_snapshot_xmin(pg_current_snapshot())
+             and ($3::uuid is null or team_id = $3)
+             and ($4::uuid is null or capsule_id = $4)
+           order by xid, id
+           limit $5"#,
+        after.xid,
+        after.id,
+        team.map(|t| t.0),
+        capsule.map(|c| c.0),
+        limit,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let position = EventPosition {
+                xid: r.xid,
+                id: r.id,
+            };
+            let event = Event {
+                id: r.id,
+                team_id: r.team_id,
+                capsule_id: r.capsule_id,
+                operation_id: r.operation_id,
+                kind: r.kind,
+                from_status: r.from_status,
+                to_status: r.to_status,
+                message: r.message,
+                created_at: r.created_at,
+            };
+            (position, event)
+        })
+        .collect())
+}
+
+/// The position of the newest event that is safe to hand out: a stream that starts "now"
+/// starts after it.
+pub async fn events_head(conn: &mut PgConnection) -> StoreResult<EventPosition> {
+    let row = sqlx::query!(
+        r#"select xid::text::int8 as "xid!", id from events
+           where xid < pg_snapshot_xmin(pg_current_snapshot())
+           order by xid desc, id desc limit 1"#
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(
+        row.map_or(EventPosition { xid: 0, id: 0 }, |r| EventPosition {
+            xid: r.xid,
+            id: r.id,
+        }),
+    )
+}
+
 pub struct AuditEntry<'a> {
     pub actor_key_id: Option<KeyId>,
     pub team_id: Option<TeamId>,

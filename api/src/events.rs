@@ -1,0 +1,146 @@
+//! `GET /v1/events`: the capsule event history as Server-Sent Events, live.
+//!
+//! Read from the durable `events` table, in the gap-free order of migration 0004; each
+//! message's `id:` is its position (`<xid>.<id>`), so a client that reconnects with
+//! `Last-Event-ID` (browsers do it by themselves) resumes exactly after the last event it
+//! got and misses nothing. Without it the stream starts with what happens next; `?after=`
+//! takes a position too (`0.0`: from the very beginning). Filter with `?capsule_id=`. A team
+//! key sees its team's events, a platform admin key every team's.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::get;
+use futures::Stream;
+use hangar_jobs::store::Event;
+use hangar_jobs::store::records::{self, EventPosition};
+use hangar_jobs::{CapsuleId, TeamId};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::domain;
+use crate::error::ApiError;
+use crate::extract::{Caller, QueryParams};
+
+/// How often a quiet stream looks for new events.
+const POLL: Duration = Duration::from_millis(250);
+const PAGE: i64 = 200;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new().route("/v1/events", get(events))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    capsule_id: Option<String>,
+    after: Option<String>,
+}
+
+fn parse_position(text: &str) -> Result<EventPosition, ApiError> {
+    let invalid = || {
+        ApiError::InvalidRequest(format!(
+            "`{text}` is not an event position (`<xid>.<id>`, as in an event's `id:` line)"
+        ))
+    };
+    let (xid, id) = text.split_once('.').ok_or_else(invalid)?;
+    Ok(EventPosition {
+        xid: xid.parse().map_err(|_| invalid())?,
+        id: id.parse().map_err(|_| invalid())?,
+    })
+}
+
+async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let capsule = domain::param::<CapsuleId>("capsule_id", q.capsule_id.as_deref())?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::InvalidRequest("Last-Event-ID is not text".into()))
+        })
+        .transpose()?;
+    let start = match last_event_id.or(q.after.as_deref()) {
+        Some(text) => parse_position(text)?,
+        None => {
+            let mut conn = state.pool.acquire().await?;
+            records::events_head(&mut conn).await?
+        }
+    };
+    let team = (!caller.is_admin()).then_some(caller.0.team_id);
+    let feed = Feed {
+        state: state.clone(),
+        team,
+        capsule,
+        after: start,
+        ready: VecDeque::new(),
+        closing: state.waiters.closing(),
+    };
+    let stream = futures::stream::unfold(feed, |mut feed| async move {
+        let (position, event) = feed.next().await?;
+        Some((Ok(message(position, &event)), feed))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// One client's place in the stream.
+struct Feed {
+    state: AppState,
+    team: Option<TeamId>,
+    capsule: Option<CapsuleId>,
+    after: EventPosition,
+    ready: VecDeque<(EventPosition, Event)>,
+    /// Flips at shutdown: the stream ends so the server can stop.
+    closing: watch::Receiver<bool>,
+}
+
+impl Feed {
+    /// The next event, waiting for one; `None` at shutdown.
+    async fn next(&mut self) -> Option<(EventPosition, Event)> {
+        loop {
+            if let Some(next) = self.ready.pop_front() {
+                return Some(next);
+            }
+            if *self.closing.borrow() {
+                return None;
+            }
+            match self.fetch().await {
+                Ok(page) if !page.is_empty() => {
+                    self.after = page.last().map(|(p, _)| *p).unwrap_or(self.after);
+                    self.ready.extend(page);
+                    continue;
+                }
+                Ok(_) => {}
+                // Postgres unavailable: try again at the next poll; the client stays put.
+                Err(error) => tracing::warn!(%error, "reading events failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = self.closing.changed() => return None,
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<(EventPosition, Event)>, hangar_jobs::store::StoreError> {
+        let mut conn = self.state.pool.acquire().await?;
+        records::events_after(&mut conn, self.after, self.team, self.capsule, PAGE).await
+    }
+}
+
+fn message(position: EventPosition, event: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(format!("{}.{}", position.xid, position.id))
+        .event(&event.kind)
+        .json_data(event)
+        .unwrap_or_else(|_| SseEvent::default().comment("unserializable event"))
+}
