@@ -93,4 +93,55 @@ async fn create_pause_resume_snapshot_destroy_across_processes() {
             "no {status} event in {path:?}"
         );
     }
+
+    // A team key at work, then no secret of the run in any process's log: the admin key,
+    // the team key, the join token, the agent's and the host's tokens.
+    let (_, team) = cluster
+        .request(
+            Method::POST,
+            "/v1/admin/teams",
+            Some(json!({ "name": "acme" })),
+        )
+        .await;
+    let team = team["id"].as_str().unwrap().to_owned();
+    let (_, key) = cluster
+        .request(
+            Method::POST,
+            &format!("/v1/admin/teams/{team}/keys"),
+            Some(json!({ "name": "ci" })),
+        )
+        .await;
+    let team_key = key["key"]
+        .as_str()
+        .expect("the key is shown once")
+        .to_owned();
+    let created = cluster
+        .http
+        .post(format!("{}/v1/capsules", cluster.api_url))
+        .bearer_auth(&team_key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 202);
+    let hosts = hangar_jobs::store::hosts::list(&mut conn).await.unwrap();
+    let mut secrets = vec![
+        common::ADMIN_KEY.to_owned(),
+        common::JOIN_TOKEN.to_owned(),
+        team_key,
+    ];
+    secrets.extend(hosts.into_iter().map(|h| h.agent_token));
+    let host_tokens = cluster.host_tokens();
+    assert_eq!(host_tokens.len(), 1, "the agent's host token");
+    secrets.extend(host_tokens);
+    for process in ["api", "worker-a", "worker-b", "host-1"] {
+        let log = cluster.log(process);
+        assert!(!log.is_empty(), "no log of {process}");
+        for secret in &secrets {
+            assert!(
+                !log.contains(secret.as_str()),
+                "a secret is in the log of {process}"
+            );
+        }
+    }
 }

@@ -113,6 +113,20 @@ async fn capsules_are_real_vms_from_create_to_destroy() {
         &["sh", "-c", "echo kept > /data/f && sync"],
     )
     .await;
+    // A command past its timeout is killed in the guest.
+    let (status, body) = cluster
+        .request(
+            Method::POST,
+            &format!("/v1/capsules/{first}/exec"),
+            Some(json!({ "argv": ["sleep", "30"], "timeout_sec": 1 })),
+        )
+        .await;
+    assert_eq!(
+        (status, body["timed_out"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    assert!(body["duration_ms"].as_u64().unwrap() < 10_000, "{body}");
 
     // Paused: no exec. Resumed: the file is still there.
     succeeds(&cluster, &format!("/v1/capsules/{first}/pause"), json!({})).await;

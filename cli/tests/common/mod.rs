@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 pub const ADMIN_KEY: &str = "hk_testadmn_0123456789abcdef0123456789abcdef";
-const JOIN_TOKEN: &str = "test-join-token";
+pub const JOIN_TOKEN: &str = "test-join-token";
 
 pub struct Cluster {
     pub env: TestEnv,
@@ -136,6 +136,19 @@ impl Cluster {
     /// The state folder of the agent named `name`.
     pub fn agent_state_dir(&self, name: &str) -> PathBuf {
         self.dir.join(format!("state-{name}"))
+    }
+
+    /// The host tokens the agents got at registration (from their identity files).
+    pub fn host_tokens(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("identity.json")).ok())
+            .filter_map(|text| serde_json::from_str::<Value>(&text).ok())
+            .filter_map(|identity| identity["host_token"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// DELETEs and expects 202; returns (operation id, capsule id).
