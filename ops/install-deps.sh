@@ -89,8 +89,9 @@ debian_mirror() {
     awk 'FNR == 1 {uri = ""} /^URIs:/ {uri = $2}
          /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm" && uri != "") {print uri; exit}}
          /^[[:space:]]*$/ {uri = ""}' /etc/apt/sources.list.d/*.sources 2>/dev/null
-    awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list \
-        /etc/apt/sources.list.d/*.list 2>/dev/null
+    # One-line format; drop the `[arch=… signed-by=…]` options first.
+    awk '{sub(/\[[^]]*\][[:space:]]*/, "")} $1 == "deb" && $3 == "bookworm" {print $2; exit}' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
 }
 if [ ${#backports[@]} -gt 0 ] && ! has_backports; then
     # The mirror the machine already uses for bookworm (deb822 or one-line format).
