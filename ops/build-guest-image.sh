@@ -29,7 +29,7 @@ modules=(virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_
     virtio_blk virtio_console ext4)
 
 for tool in apt-get apt-cache dpkg-deb lz4 cpio gzip modinfo mkfs.ext4 qemu-img cargo rustc \
-    sha256sum grep; do
+    sha256sum grep flock; do
     command -v "$tool" >/dev/null || die "$tool is missing (run ops/install-deps.sh)"
 done
 dpkg-query -W busybox-static >/dev/null 2>&1 || die "busybox-static is missing (run ops/install-deps.sh)"
@@ -71,6 +71,10 @@ manifest_field() {
     [ -f "$1" ] || return 0
     sed -n "s/^  \"$2\": \"\\([^\"]*\\)\".*/\\1/p" "$1" | head -n1
 }
+
+# One build at a time per OUT_DIR; a second one waits, then finds the image up to date.
+exec 9>"$(dirname "$out")/.$(basename "$out").lock"
+flock 9
 
 reason=""
 old_key=$(manifest_field "$out/manifest.json" key)
@@ -139,7 +143,8 @@ add_module() {
     loaded[$name]=1
     file=${module_file[$name]:-}
     if [ -z "$file" ]; then
-        if sed 's/-/_/g' "$mdir/modules.builtin" | grep -q "/$name\.ko$"; then
+        # No pipe into grep -q here: with pipefail, its early exit can fail the pipeline.
+        if grep -qE "/${name//_/[-_]}\.ko$" "$mdir/modules.builtin"; then
             say "module $name: built into the kernel"
             return 0
         fi
@@ -216,7 +221,9 @@ EOF
 chmod 0755 "$root/init"
 
 say "packing initramfs.cpio.gz"
-(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) |
+# Fixed timestamps: the same inputs give the same initramfs bytes.
+find "$root" -exec touch -h -d @0 {} +
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --reproducible --quiet) |
     gzip -9 -n >"$stage/initramfs.cpio.gz"
 
 # 6. The base disk. Overlays of running capsules name this file as their backing file, so an
