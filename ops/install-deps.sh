@@ -3,7 +3,11 @@
 #   - the PostgreSQL server (15: initdb, postgres, pg_ctl under /usr/lib/postgresql/15/bin),
 #   - redis-server (and redis-cli, which comes with it),
 #   - psql (ops/sqlx-prepare.sh), jq and curl (the README's walkthrough),
-#   - a C compiler and libc headers (the `ring` crate behind rustls compiles C).
+#   - a C compiler and libc headers (the `ring` crate behind rustls compiles C),
+#   - for real microVMs (ops/build-guest-image.sh, the qemu driver, guest/tests/vm.rs):
+#     QEMU 10 from bookworm-backports (Debian 12's own 7.2 conflicts with the backported
+#     qemu-utils some machines ship), and what the guest image is built with: busybox-static,
+#     lz4, cpio, kmod, e2fsprogs; the backports suite is added on the mirror already in use.
 # Protobuf needs nothing: the build compiles the .proto files with protox, in Rust.
 # Hangar runs private Postgres and Redis instances, so the services these packages start
 # (a cluster on 5432, a Redis on 6379) are stopped and disabled, with or without systemd.
@@ -51,11 +55,65 @@ else
     missing+=(gcc libc6-dev)
 fi
 
+# The guest image's build tools; busybox by package, since only the static build can go into
+# an initramfs (a plain `busybox` on PATH may be the dynamically linked one).
+for pkg in busybox-static lz4 cpio kmod e2fsprogs; do
+    if dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed'; then
+        say "$pkg: present"
+    else
+        missing+=("$pkg")
+    fi
+done
+
+# QEMU 10.0 comes from bookworm-backports: Debian 12's qemu-system-x86 7.2 is older than what
+# the qemu driver is measured with (VMM.md) and is blocked by a backported qemu-utils.
+qemu_version() {
+    dpkg-query -W -f '${Version}' "$1" 2>/dev/null | sed -n 's/^[0-9]*:\{0,1\}\([0-9]*\)\..*/\1/p'
+}
+backports=()
+for pkg in qemu-system-x86 qemu-utils; do
+    major=$(qemu_version "$pkg")
+    if [ -n "$major" ] && [ "$major" -ge 10 ]; then
+        say "$pkg: present ($(dpkg-query -W -f '${Version}' "$pkg"))"
+    else
+        backports+=("$pkg")
+    fi
+done
+
+has_backports() {
+    grep -rqs --include='*.list' --include='*.sources' -E '(^|[[:space:]])bookworm-backports([[:space:]]|$)' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/
+}
+# The first URI serving the plain `bookworm` suite.
+debian_mirror() {
+    awk 'FNR == 1 {uri = ""} /^URIs:/ {uri = $2}
+         /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm" && uri != "") {print uri; exit}}
+         /^[[:space:]]*$/ {uri = ""}' /etc/apt/sources.list.d/*.sources 2>/dev/null
+    # One-line format; drop the `[arch=… signed-by=…]` options first.
+    awk '{sub(/\[[^]]*\][[:space:]]*/, "")} $1 == "deb" && $3 == "bookworm" {print $2; exit}' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
+}
+if [ ${#backports[@]} -gt 0 ] && ! has_backports; then
+    # The mirror the machine already uses for bookworm (deb822 or one-line format).
+    mirror=$(debian_mirror | head -n1)
+    mirror=${mirror:-http://deb.debian.org/debian}
+    say "adding the bookworm-backports apt source on $mirror"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$mirror" | "${sudo[@]}" tee /etc/apt/sources.list.d/backports.sources >/dev/null
+fi
+
+if [ ${#missing[@]} -gt 0 ] || [ ${#backports[@]} -gt 0 ]; then
+    "${sudo[@]}" apt-get update -q
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing: ${missing[*]}"
-    "${sudo[@]}" apt-get update -q
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+if [ ${#backports[@]} -gt 0 ]; then
+    say "installing from bookworm-backports: ${backports[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports[@]}"
 fi
 
 # The distro services. Only these are touched (by unit, init script, cluster or their own pid
