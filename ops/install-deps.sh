@@ -68,7 +68,9 @@ done
 # QEMU 10.0 comes from bookworm-backports: Debian 12's qemu-system-x86 7.2 is older than what
 # the qemu driver is measured with (VMM.md) and is blocked by a backported qemu-utils.
 qemu_version() {
-    dpkg-query -W -f '${Version}' "$1" 2>/dev/null | sed -n 's/^[0-9]*:\{0,1\}\([0-9]*\)\..*/\1/p'
+    # Only an installed package counts (a removed one keeps its version in "config-files").
+    dpkg-query -W -f '${Status} ${Version}\n' "$1" 2>/dev/null |
+        sed -n 's/^install ok installed [0-9]*:\{0,1\}\([0-9]*\)\..*/\1/p'
 }
 backports=()
 for pkg in qemu-system-x86 qemu-utils; do
@@ -84,18 +86,25 @@ has_backports() {
     grep -rqs --include='*.list' --include='*.sources' -E '(^|[[:space:]])bookworm-backports([[:space:]]|$)' \
         /etc/apt/sources.list /etc/apt/sources.list.d/
 }
-# The first URI serving the plain `bookworm` suite.
+# The URIs serving the plain `bookworm` suite, deb822 files first. Either kind of file may be
+# missing (this machine kind has no /etc/apt/sources.list), which is not an error.
 debian_mirror() {
-    awk 'FNR == 1 {uri = ""} /^URIs:/ {uri = $2}
-         /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm" && uri != "") {print uri; exit}}
-         /^[[:space:]]*$/ {uri = ""}' /etc/apt/sources.list.d/*.sources 2>/dev/null
-    # One-line format; drop the `[arch=… signed-by=…]` options first.
-    awk '{sub(/\[[^]]*\][[:space:]]*/, "")} $1 == "deb" && $3 == "bookworm" {print $2; exit}' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk 'FNR == 1 {uri = ""} /^URIs:/ {uri = $2}
+             /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm" && uri != "") print uri}
+             /^[[:space:]]*$/ {uri = ""}' "$f"
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        # One-line format; drop the `[arch=… signed-by=…]` options first.
+        awk '{sub(/\[[^]]*\][[:space:]]*/, "")} $1 == "deb" && $3 == "bookworm" {print $2}' "$f"
+    done
 }
 if [ ${#backports[@]} -gt 0 ] && ! has_backports; then
     # The mirror the machine already uses for bookworm (deb822 or one-line format).
-    mirror=$(debian_mirror | head -n1)
+    mirror=$(debian_mirror | sed -n 1p)
     mirror=${mirror:-http://deb.debian.org/debian}
     say "adding the bookworm-backports apt source on $mirror"
     printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
