@@ -211,7 +211,7 @@ async fn list_hosts(
     tag = "admin",
     security(("admin_key" = [])),
     params(("id" = HostId, Path), IdempotencyKey),
-    request_body = Empty,
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
     responses(
         (status = 200, body = Host),
         (status = 400, description = "Invalid input", body = ErrorEnvelope),
@@ -245,7 +245,7 @@ async fn cordon(
     tag = "admin",
     security(("admin_key" = [])),
     params(("id" = HostId, Path), IdempotencyKey),
-    request_body = Empty,
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
     responses(
         (status = 200, body = Host),
         (status = 400, description = "Invalid input", body = ErrorEnvelope),

@@ -22,6 +22,7 @@ use crate::error::ErrorEnvelope;
 #[openapi(
     info(
         title = "Hangar API",
+        license(name = "Apache-2.0"),
         description = "Control plane for microVM sandboxes (capsules). Lifecycle requests answer \
                        at once with 202 and an operation (the job handle) to poll. Errors share \
                        one envelope: `{\"error\": {\"code\", \"message\"}}`. POSTs take an \

@@ -154,7 +154,7 @@ async fn team_destroy(
     tag = "capsules",
     security(("api_key" = [])),
     params(("id" = CapsuleId, Path), IdempotencyKey),
-    request_body = Empty,
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
     responses(
         (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
         (status = 400, description = "Invalid input", body = ErrorEnvelope),
@@ -184,7 +184,7 @@ async fn pause(
     tag = "capsules",
     security(("api_key" = [])),
     params(("id" = CapsuleId, Path), IdempotencyKey),
-    request_body = Empty,
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
     responses(
         (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
         (status = 400, description = "Invalid input", body = ErrorEnvelope),
