@@ -1,46 +1,80 @@
 //! Admin routes (platform admin keys): teams, their API keys, and hosts. Admin capsule
 //! routes live with the team ones in `capsules.rs`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use hangar_jobs::store::tenancy::{self, NewKey};
-use hangar_jobs::store::{Host, PgConnection, Principal, hosts};
+use hangar_jobs::store::{Host, PgConnection, Principal, Team, hosts};
 use hangar_jobs::{HostId, KeyId, TeamId, keys};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::audit;
 use crate::domain::{KeyName, TeamName};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::extract::{Admin, Empty, IdempotencyKey, JsonBody, PathId};
 use crate::idempotency::{Idempotency, Reply};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/teams", post(create_team))
-        .route("/v1/admin/teams/{id}/keys", post(mint_key))
-        .route("/v1/admin/hosts", get(list_hosts))
-        .route("/v1/admin/hosts/{id}/cordon", post(cordon))
-        .route("/v1/admin/hosts/{id}/uncordon", post(uncordon))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_team))
+        .routes(routes!(mint_key))
+        .routes(routes!(list_hosts))
+        .routes(routes!(cordon))
+        .routes(routes!(uncordon))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TeamBody {
     name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyBody {
     name: String,
+    /// An admin key (platform team only).
     #[serde(default)]
     admin: bool,
 }
 
+/// A minted key. `key` is the secret, in this response only (null in a replay).
+#[derive(Serialize, ToSchema)]
+struct MintedKey {
+    id: KeyId,
+    /// The secret's first characters, to recognise it by.
+    prefix: String,
+    key: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct HostList {
+    hosts: Vec<Host>,
+}
+
+/// Creates a team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(IdempotencyKey),
+    request_body = TeamBody,
+    responses(
+        (status = 201, body = Team),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+        (status = 409, description = "A team of that name exists", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn create_team(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -74,6 +108,22 @@ async fn create_team(
 /// Mints an API key; its secret is in this response only. A replay under the same
 /// `Idempotency-Key` answers with the key's id and prefix and `"key": null`: the secret is
 /// never stored.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams/{id}/keys",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = TeamId, Path), IdempotencyKey),
+    request_body = KeyBody,
+    responses(
+        (status = 201, body = MintedKey),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+        (status = 404, description = "No such team", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn mint_key(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -119,24 +169,58 @@ async fn mint_key(
         json!({ "name": name.as_str(), "admin": admin, "prefix": minted.prefix }),
     )
     .await?;
-    let stored = json!({ "id": id, "prefix": minted.prefix, "key": null });
-    idem.remember_as(&mut tx, StatusCode::CREATED, &stored)
+    let stored = MintedKey {
+        id,
+        prefix: minted.prefix.clone(),
+        key: None,
+    };
+    idem.remember_as(&mut tx, StatusCode::CREATED, &json!(stored))
         .await?;
     tx.commit().await?;
-    Ok(Reply::created(
-        json!({ "id": id, "prefix": minted.prefix, "key": minted.secret }),
-    ))
+    Ok(Reply::created(json!(MintedKey {
+        key: Some(minted.secret),
+        ..stored
+    })))
 }
 
+/// Every host, with its capacity and usage.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/hosts",
+    tag = "admin",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, body = HostList),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+    )
+)]
 async fn list_hosts(
     State(state): State<AppState>,
     Admin(_): Admin,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<HostList>, ApiError> {
     let mut conn = state.pool.acquire().await?;
     let hosts = hosts::list(&mut conn).await?;
-    Ok(Json(json!({ "hosts": hosts })))
+    Ok(Json(HostList { hosts }))
 }
 
+/// Stops placing new capsules on a host.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/hosts/{id}/cordon",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = HostId, Path), IdempotencyKey),
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
+    responses(
+        (status = 200, body = Host),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+        (status = 404, description = "No such host", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn cordon(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -154,6 +238,23 @@ async fn cordon(
     .await
 }
 
+/// Places new capsules on a host again.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/hosts/{id}/uncordon",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = HostId, Path), IdempotencyKey),
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
+    responses(
+        (status = 200, body = Host),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+        (status = 404, description = "No such host", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn uncordon(
     State(state): State<AppState>,
     Admin(actor): Admin,

@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use hangar_jobs::OperationId;
 use hangar_jobs::intents::IntentError;
 use hangar_jobs::store::StoreError;
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 /// Why a request failed. Every variant maps to one status and one stable code.
 #[derive(Debug, thiserror::Error)]
@@ -158,14 +160,41 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The body of every error response (and its schema in the OpenAPI document).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable and machine-readable: `invalid_json`, `invalid_request`, `invalid_id`,
+    /// `invalid_name`, `unknown_template`, `unauthorized`, `forbidden`, `not_found`,
+    /// `method_not_allowed`, `invalid_state`, `operation_in_progress`, `name_taken`,
+    /// `payload_too_large`, `idempotency_key_reused`, `host_unavailable`, `internal`.
+    #[schema(example = "invalid_state")]
+    pub code: &'static str,
+    /// For people; may change between versions.
+    pub message: String,
+    /// The operation in flight (`operation_in_progress` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<OperationId>,
+}
+
 impl ApiError {
     /// The JSON body: `{"error": {"code", "message"[, "operation_id"]}}`.
     pub fn envelope(&self) -> serde_json::Value {
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
-        if let ApiError::OperationInProgress { operation } = self {
-            error["operation_id"] = json!(operation);
-        }
-        json!({ "error": error })
+        let operation_id = match self {
+            ApiError::OperationInProgress { operation } => Some(*operation),
+            _ => None,
+        };
+        json!(ErrorEnvelope {
+            error: ErrorBody {
+                code: self.code(),
+                message: self.to_string(),
+                operation_id,
+            },
+        })
     }
 }
 

@@ -11,35 +11,41 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::get;
 use futures::Stream;
 use hangar_jobs::store::Event;
 use hangar_jobs::store::records::{self, EventPosition};
 use hangar_jobs::{CapsuleId, TeamId};
 use serde::Deserialize;
 use tokio::sync::watch;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::domain;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::extract::{Caller, QueryParams};
 
 /// How often a quiet stream looks for new events.
 const POLL: Duration = Duration::from_millis(250);
 const PAGE: i64 = 200;
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new().route("/v1/events", get(events))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(events))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Only this capsule's events.
+    #[param(value_type = Option<CapsuleId>)]
     capsule_id: Option<String>,
+    /// Start after this position (`<xid>.<id>`; `0.0`: from the beginning).
+    #[param(example = "0.0")]
     after: Option<String>,
 }
 
@@ -56,6 +62,23 @@ fn parse_position(text: &str) -> Result<EventPosition, ApiError> {
     })
 }
 
+/// The capsule event stream, live (Server-Sent Events). Each message's `id:` is its
+/// position, `event:` the event's kind and `data:` the event as JSON.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    security(("api_key" = [])),
+    params(
+        EventsQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position (set by browsers on reconnect)"),
+    ),
+    responses(
+        (status = 200, description = "An endless stream of events; `data:` of each is an Event", content_type = "text/event-stream", body = Event),
+        (status = 400, description = "A malformed filter or position", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+    )
+)]
 async fn events(
     State(state): State<AppState>,
     caller: Caller,

@@ -12,6 +12,7 @@ use hangar_jobs::store::{Principal, hosts, tenancy};
 use hangar_jobs::{HostId, IdError, keys};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use utoipa::IntoParams;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -135,8 +136,13 @@ where
 }
 
 /// The optional `Idempotency-Key` header (1..=255 visible characters).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct IdempotencyKey(pub Option<String>);
+#[derive(Debug, Clone, Default, IntoParams)]
+#[into_params(names("Idempotency-Key"), parameter_in = Header)]
+pub(crate) struct IdempotencyKey(
+    /// Retrying with the same key returns the first answer and does nothing again; reusing
+    /// it for a different request is 422.
+    pub Option<String>,
+);
 
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
@@ -200,7 +206,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 }
 
 /// The body of routes that take none: nothing, or `{}`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Empty {}
 

@@ -2,20 +2,22 @@
 //! (host token). `Idempotency-Key` is not used here: registration is idempotent by host
 //! name, heartbeats by nature, and reports by their `event_id`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use hangar_jobs::store::capsules;
 use hangar_jobs::store::hosts::{self, Registration, Usage};
-use hangar_jobs::{CapsuleId, OperationKind, enqueue, intents, keys};
+use hangar_jobs::{CapsuleId, HostId, OperationKind, enqueue, intents, keys};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::audit;
 use crate::domain::HostName;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::extract::{HostCaller, JsonBody};
 
 /// Most reports accepted in one request.
@@ -23,23 +25,38 @@ const MAX_EVENTS: usize = 1000;
 /// Longer report messages are cut (they are diagnostics, not data).
 const MAX_MESSAGE_CHARS: usize = 1024;
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/hosts/register", post(register))
-        .route("/v1/hosts/{id}/heartbeat", post(heartbeat))
-        .route("/v1/hosts/{id}/events", post(events))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(heartbeat))
+        .routes(routes!(events))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
+    /// The cluster's join token (`HANGAR_JOIN_TOKEN`).
     join_token: String,
     name: String,
     address: String,
     driver: String,
+    /// The bearer token workers present to this host's agent.
     agent_token: String,
     vcpus: i64,
     memory_mb: i64,
+}
+
+/// The host's id and its own token for the other host routes (shown once).
+#[derive(Serialize, ToSchema)]
+struct Registered {
+    host_id: HostId,
+    host_token: String,
+}
+
+/// How many reports became `host_event` operations (the rest were redelivered or moot).
+#[derive(Serialize, ToSchema)]
+struct ReportsAccepted {
+    accepted: usize,
 }
 
 /// A registration, validated.
@@ -86,7 +103,7 @@ impl TryFrom<RegisterBody> for NewHost {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct HeartbeatBody {
     vcpus_total: i64,
@@ -97,13 +114,13 @@ struct HeartbeatBody {
     sandboxes: u32,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EventsBody {
     events: Vec<HostEvent>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct HostEvent {
     event_id: uuid::Uuid,
@@ -116,7 +133,7 @@ struct HostEvent {
     at_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum HostEventKind {
     Crashed,
@@ -124,10 +141,22 @@ enum HostEventKind {
     AutoPaused,
 }
 
+/// Registers a host agent (idempotent by host name).
+#[utoipa::path(
+    post,
+    path = "/v1/hosts/register",
+    tag = "hosts",
+    request_body = RegisterBody,
+    responses(
+        (status = 200, body = Registered),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Wrong join token", body = ErrorEnvelope),
+    )
+)]
 async fn register(
     State(state): State<AppState>,
     body: JsonBody<RegisterBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Registered>, ApiError> {
     let body = body.value;
     if !keys::constant_time_eq(
         body.join_token.as_bytes(),
@@ -155,11 +184,27 @@ async fn register(
         json!({ "name": host.name.as_str(), "address": host.address, "driver": host.driver });
     audit::accepted(&mut tx, None, None, "host.register", host_id, detail).await?;
     tx.commit().await?;
-    Ok(Json(
-        json!({ "host_id": host_id, "host_token": host_token }),
-    ))
+    Ok(Json(Registered {
+        host_id,
+        host_token,
+    }))
 }
 
+/// Reports that a host is alive, and its usage.
+#[utoipa::path(
+    post,
+    path = "/v1/hosts/{id}/heartbeat",
+    tag = "hosts",
+    security(("host_token" = [])),
+    params(("id" = HostId, Path)),
+    request_body = HeartbeatBody,
+    responses(
+        (status = 200, description = "Recorded (`{}`)", body = Object),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid host token", body = ErrorEnvelope),
+        (status = 403, description = "Another host's token", body = ErrorEnvelope),
+    )
+)]
 async fn heartbeat(
     State(state): State<AppState>,
     HostCaller(host): HostCaller,
@@ -183,11 +228,25 @@ async fn heartbeat(
 
 /// Applies each new report as a `host_event` operation; redelivered reports (same
 /// `event_id`) and reports about capsules that are not on this host are skipped.
+#[utoipa::path(
+    post,
+    path = "/v1/hosts/{id}/events",
+    tag = "hosts",
+    security(("host_token" = [])),
+    params(("id" = HostId, Path)),
+    request_body = EventsBody,
+    responses(
+        (status = 202, body = ReportsAccepted),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid host token", body = ErrorEnvelope),
+        (status = 403, description = "Another host's token", body = ErrorEnvelope),
+    )
+)]
 async fn events(
     State(state): State<AppState>,
     HostCaller(host): HostCaller,
     body: JsonBody<EventsBody>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<ReportsAccepted>), ApiError> {
     let events = body.value.events;
     if events.len() > MAX_EVENTS {
         return Err(ApiError::InvalidRequest(format!(
@@ -228,7 +287,9 @@ async fn events(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "accepted": jobs.len() })),
+        Json(ReportsAccepted {
+            accepted: jobs.len(),
+        }),
     ))
 }
 

@@ -9,9 +9,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hangar_jobs::TeamId;
 use hangar_jobs::intents::Accepted;
-use hangar_jobs::store::PgConnection;
 use hangar_jobs::store::records::{self, StoredResponse};
+use hangar_jobs::store::{Capsule, Operation, PgConnection};
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::extract::IdempotencyKey;
@@ -42,7 +44,10 @@ impl Reply {
     pub(crate) fn accepted(accepted: &Accepted) -> Self {
         Self {
             status: StatusCode::ACCEPTED,
-            body: json!({ "operation": accepted.operation, "capsule": accepted.capsule }),
+            body: json!(AcceptedBody {
+                operation: accepted.operation.clone(),
+                capsule: accepted.capsule.clone(),
+            }),
         }
     }
 
@@ -75,6 +80,13 @@ impl IntoResponse for Reply {
         }
         response
     }
+}
+
+/// The body of a 202: the job handle (`Location` points at it) and the capsule as it now is.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct AcceptedBody {
+    operation: Operation,
+    capsule: Capsule,
 }
 
 /// The idempotency context of one POST.

@@ -10,6 +10,7 @@ mod admin;
 mod audit;
 mod cache;
 mod capsules;
+mod docs;
 mod domain;
 pub mod error;
 mod events;
@@ -38,6 +39,7 @@ use hangar_jobs::store::tenancy::{self, NewKey, PLATFORM_TEAM};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
@@ -137,8 +139,23 @@ impl AppState {
     }
 }
 
-/// The whole API: every resource's router, the envelope for unknown routes and methods,
-/// request ids, tracing and the body limit.
+/// Every route, each registered together with its OpenAPI operation (`routes!`), so the
+/// router and the document at `/openapi.json` come from this one list and cannot drift.
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(docs::base())
+        .merge(capsules::router())
+        .merge(capsules::admin_router())
+        .merge(operations::router())
+        .merge(events::router())
+        .merge(templates::router())
+        .merge(admin::router())
+        .merge(hosts::router())
+        .merge(ops::router())
+        .merge(docs::router())
+}
+
+/// The whole API: every route, the envelope for unknown routes and methods, request ids,
+/// tracing and the body limit.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
     let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
@@ -155,15 +172,8 @@ pub fn router(state: AppState) -> Router {
             request_id,
         )
     });
-    Router::new()
-        .merge(capsules::router())
-        .merge(capsules::admin_router())
-        .merge(operations::router())
-        .merge(events::router())
-        .merge(templates::router())
-        .merge(admin::router())
-        .merge(hosts::router())
-        .merge(ops::router())
+    let (routes, _document) = routes().split_for_parts();
+    routes
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))

@@ -4,51 +4,87 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use hangar_jobs::store::Operation;
 use hangar_jobs::store::operations::{self, OperationFilter};
 use hangar_jobs::{CapsuleId, OperationId, OperationKind, OperationStatus, TeamId};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::domain::{self, PageLimit, WaitSec};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::extract::{Caller, PathId, QueryParams};
 
 /// How often a parked request re-reads its row even without a notification (the
 /// listener may have reconnected and missed one).
 const SAFETY_NET: Duration = Duration::from_secs(5);
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/operations", get(list))
-        .route("/v1/operations/{id}", get(get_one))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(get_one))
 }
 
-#[derive(Debug, Deserialize)]
+// Query fields are text, parsed by the handler so that errors name the parameter; the
+// document shows their real types.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct GetQuery {
+    /// Seconds (0..=300) to wait for the operation to be terminal before answering.
+    #[param(value_type = Option<u32>, maximum = 300)]
     wait: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    #[param(value_type = Option<CapsuleId>)]
     capsule_id: Option<String>,
+    #[param(value_type = Option<OperationStatus>)]
     status: Option<String>,
+    #[param(value_type = Option<OperationKind>)]
     kind: Option<String>,
+    /// Page size, 1..=200 (default 50).
+    #[param(value_type = Option<u32>)]
     limit: Option<String>,
+    /// The previous page's `next_cursor`.
+    #[param(value_type = Option<OperationId>)]
     cursor: Option<String>,
+}
+
+/// A page of operations, newest first.
+#[derive(Serialize, ToSchema)]
+struct OperationPage {
+    operations: Vec<Operation>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next_cursor: Option<OperationId>,
 }
 
 fn scope(caller: &Caller) -> Option<TeamId> {
     (!caller.is_admin()).then_some(caller.0.team_id)
 }
 
+/// One operation; with `?wait=`, a long poll until it is terminal.
+#[utoipa::path(
+    get,
+    path = "/v1/operations/{id}",
+    tag = "operations",
+    security(("api_key" = [])),
+    params(("id" = OperationId, Path), GetQuery),
+    responses(
+        (status = 200, body = Operation),
+        (status = 400, description = "Malformed id or `wait`", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such operation in this team", body = ErrorEnvelope),
+    )
+)]
 async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -107,11 +143,24 @@ async fn wait_until_terminal(
     }
 }
 
+/// The team's operations (every team's for admin keys), newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/operations",
+    tag = "operations",
+    security(("api_key" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, body = OperationPage),
+        (status = 400, description = "A malformed filter", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(q): QueryParams<ListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OperationPage>, ApiError> {
     let filter = OperationFilter {
         team: scope(&caller),
         capsule: domain::param::<CapsuleId>("capsule_id", q.capsule_id.as_deref())?,
@@ -127,7 +176,8 @@ async fn list(
     let next_cursor = (page.len() as i64 == filter.limit)
         .then(|| page.last().map(|o| o.id))
         .flatten();
-    Ok(Json(
-        json!({ "operations": page, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(OperationPage {
+        operations: page,
+        next_cursor,
+    }))
 }

@@ -2,30 +2,57 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use hangar_jobs::store;
-use serde_json::json;
+use serde::Serialize;
 use tokio::time::timeout;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
 }
 
-/// 200 when Postgres and Redis both answer within the timeout, 503 otherwise.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+/// Each dependency: `ok` or `unavailable`.
+#[derive(Serialize, ToSchema)]
+struct Readiness {
+    status: &'static str,
+    postgres: &'static str,
+    redis: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: 200 when Postgres and Redis both answer within the timeout, 503 otherwise.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "A dependency did not answer", body = Readiness),
+    )
+)]
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let postgres = timeout(CHECK_TIMEOUT, async {
         let mut conn = state.pool.acquire().await?;
         store::ping(&mut conn).await?;
@@ -56,10 +83,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "status": if ready { "ok" } else { "unavailable" },
-        "postgres": postgres,
-        "redis": redis,
-    });
+    let body = Readiness {
+        status: if ready { "ok" } else { "unavailable" },
+        postgres,
+        redis,
+    };
     (status, Json(body))
 }

@@ -80,6 +80,20 @@ macro_rules! typed_id {
             }
         }
 
+        // In the OpenAPI document: a string with the prefix as its pattern.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some(concat!("A ", $kind, " id: `", $prefix, "_` and 32 hex digits.")))
+                    .pattern(Some(concat!("^", $prefix, "_[0-9a-f]{32}$")))
+                    .examples([concat!($prefix, "_0190f5a0c0de7000800000000000000a")])
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(deserializer)?;
@@ -141,6 +155,15 @@ mod tests {
         let err = "x".repeat(1000).parse::<HostId>().unwrap_err();
         assert!(err.to_string().contains("host id"));
         assert!(err.to_string().len() < 200);
+    }
+
+    #[test]
+    fn schema_pattern_matches_real_ids() {
+        let schema = serde_json::to_value(<CapsuleId as utoipa::PartialSchema>::schema()).unwrap();
+        assert_eq!(schema["type"], "string");
+        assert_eq!(schema["pattern"], "^cap_[0-9a-f]{32}$");
+        let example = schema["examples"][0].as_str().unwrap();
+        assert!(example.parse::<CapsuleId>().is_ok());
     }
 
     #[test]

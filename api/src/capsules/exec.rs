@@ -14,13 +14,14 @@ use hangar_jobs::CapsuleId;
 use hangar_jobs::CapsuleStatus;
 use hangar_jobs::store::{Principal, capsules, hosts};
 use hangar_proto::{EnvVar, ExecRequest};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tonic::Code;
+use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::audit;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::extract::{Caller, IdempotencyKey, JsonBody, PathId};
 use crate::idempotency::{Idempotency, Reply};
 
@@ -32,19 +33,38 @@ const MAX_OUTPUT_BYTES: u64 = 4 << 20;
 const DEFAULT_OUTPUT_BYTES: u64 = 1 << 20;
 const MAX_ARGS: usize = 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExecBody {
     /// The program (looked up on the guest's PATH) and its arguments.
+    #[schema(example = json!(["uname", "-sr"]))]
     argv: Vec<String>,
+    /// Names match `[A-Za-z_][A-Za-z0-9_]*`.
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// An absolute path.
     cwd: Option<String>,
     /// Text fed to the command's standard input.
     #[serde(default)]
     stdin: String,
+    /// 1..=300 (default 30); the command is killed then.
+    #[schema(minimum = 1, maximum = 300)]
     timeout_sec: Option<u64>,
+    /// Output kept per stream, 1..=4194304 (default 1 MiB).
+    #[schema(minimum = 1, maximum = 4194304)]
     max_output_bytes: Option<u64>,
+}
+
+/// How the command ended, and its output (lossy UTF-8).
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ExecResult {
+    exit_code: i32,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    timed_out: bool,
+    duration_ms: u64,
 }
 
 /// An exec request, validated.
@@ -109,6 +129,24 @@ impl TryFrom<ExecBody> for Command {
     }
 }
 
+/// Runs a command in a running capsule and answers with its result (synchronous, not a job).
+#[utoipa::path(
+    post,
+    path = "/v1/capsules/{id}/exec",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path), IdempotencyKey),
+    request_body = ExecBody,
+    responses(
+        (status = 200, body = ExecResult),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+        (status = 409, description = "The capsule is not running", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+        (status = 503, description = "The capsule's host did not answer", body = ErrorEnvelope),
+    )
+)]
 pub(crate) async fn exec(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -183,14 +221,14 @@ async fn run(
             _ => ApiError::HostUnavailable(status.message().to_owned()),
         })?
         .into_inner();
-    Ok(Reply::ok(json!({
-        "exit_code": output.exit_code,
-        "stdout": String::from_utf8_lossy(&output.stdout),
-        "stderr": String::from_utf8_lossy(&output.stderr),
-        "stdout_truncated": output.stdout_truncated,
-        "stderr_truncated": output.stderr_truncated,
-        "timed_out": output.timed_out,
-        "duration_ms": started.elapsed().as_millis() as u64,
+    Ok(Reply::ok(json!(ExecResult {
+        exit_code: output.exit_code,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        stdout_truncated: output.stdout_truncated,
+        stderr_truncated: output.stderr_truncated,
+        timed_out: output.timed_out,
+        duration_ms: started.elapsed().as_millis() as u64,
     })))
 }
 

@@ -1,55 +1,64 @@
-//! Capsules: the team routes (`/v1/capsules…`) and the admin routes
-//! (`/v1/admin/capsules…`), which share the functions below; admins see every team.
+//! Capsules: the team routes (`/v1/capsules…`) here, and the admin routes
+//! (`/v1/admin/capsules…`, in `admin.rs`), which share the functions below; admins see
+//! every team.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use hangar_jobs::intents::{self, Accepted, CreateCapsule};
 use hangar_jobs::store::capsules::{self, CapsuleFilter};
 use hangar_jobs::store::{Capsule, Principal, Template, operations, tenancy};
 use hangar_jobs::{CapsuleId, CapsuleStatus, HostId, OperationKind, TeamId, enqueue};
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::audit;
 use crate::domain::{self, MemoryMb, PageLimit, TemplateName, TimeoutSec, Vcpus};
-use crate::error::ApiError;
-use crate::extract::{Admin, Caller, Empty, IdempotencyKey, JsonBody, PathId, QueryParams};
-use crate::idempotency::{Idempotency, Reply};
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::extract::{Caller, Empty, IdempotencyKey, JsonBody, PathId, QueryParams};
+use crate::idempotency::{AcceptedBody, Idempotency, Reply};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/capsules", post(team_create).get(team_list))
-        .route("/v1/capsules/{id}", get(team_get).delete(team_destroy))
-        .route("/v1/capsules/{id}/pause", post(pause))
-        .route("/v1/capsules/{id}/resume", post(resume))
-        .route("/v1/capsules/{id}/snapshot", post(team_snapshot))
-        .route("/v1/capsules/{id}/keepalive", post(keepalive))
-        .route("/v1/capsules/{id}/exec", post(exec::exec))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(team_create, team_list))
+        .routes(routes!(team_get, team_destroy))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(team_snapshot))
+        .routes(routes!(keepalive))
+        .routes(routes!(exec::exec))
 }
 
-pub(crate) fn admin_router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/capsules", post(admin_create).get(admin_list))
-        .route(
-            "/v1/admin/capsules/{id}",
-            get(admin_get).delete(admin_destroy),
-        )
-        .route("/v1/admin/capsules/{id}/snapshot", post(admin_snapshot))
-}
-
+mod admin;
 mod exec;
 mod requests;
 
+pub(crate) use admin::router as admin_router;
 pub(crate) use exec::MAX_TIMEOUT_SECS as MAX_EXEC_TIMEOUT_SECS;
 
 use requests::{
-    AdminListQuery, AdminSnapshotBody, CreateCapsuleBody, KeepaliveBody, NewCapsule, SnapshotBody,
+    CapsulePage, CreateCapsuleBody, KeepaliveBody, KeepaliveReply, NewCapsule, SnapshotBody,
     TeamListQuery, snapshot_params,
 };
 
 // ---- team routes ----
 
+/// Creates a capsule from a template.
+#[utoipa::path(
+    post,
+    path = "/v1/capsules",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(IdempotencyKey),
+    request_body = CreateCapsuleBody,
+    responses(
+        (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn team_create(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -59,11 +68,24 @@ async fn team_create(
     create(&state, &actor, key, body).await
 }
 
+/// The team's capsules, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/capsules",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(TeamListQuery),
+    responses(
+        (status = 200, body = CapsulePage),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+    )
+)]
 async fn team_list(
     State(state): State<AppState>,
     Caller(actor): Caller,
     QueryParams(q): QueryParams<TeamListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<CapsulePage>, ApiError> {
     let filter = filter(
         Some(actor.team_id),
         q.status.as_deref(),
@@ -74,6 +96,20 @@ async fn team_list(
     list(&state, filter).await
 }
 
+/// One capsule.
+#[utoipa::path(
+    get,
+    path = "/v1/capsules/{id}",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path)),
+    responses(
+        (status = 200, body = Capsule),
+        (status = 400, description = "Malformed id", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+    )
+)]
 async fn team_get(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -82,6 +118,21 @@ async fn team_get(
     get_one(&state, Some(actor.team_id), id).await
 }
 
+/// Destroys a capsule; accepted in any state, it runs after the operation in flight.
+#[utoipa::path(
+    delete,
+    path = "/v1/capsules/{id}",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path)),
+    responses(
+        (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
+        (status = 400, description = "Malformed id", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+        (status = 409, description = "Not possible from the capsule's status, or the same operation is already in flight (`operation_in_progress`, with its id)", body = ErrorEnvelope),
+    )
+)]
 async fn team_destroy(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -92,6 +143,23 @@ async fn team_destroy(
         .await
 }
 
+/// Pauses a running capsule.
+#[utoipa::path(
+    post,
+    path = "/v1/capsules/{id}/pause",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path), IdempotencyKey),
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
+    responses(
+        (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+        (status = 409, description = "Not possible from the capsule's status, or the same operation is already in flight (`operation_in_progress`, with its id)", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn pause(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -105,6 +173,23 @@ async fn pause(
         .await
 }
 
+/// Resumes a paused capsule.
+#[utoipa::path(
+    post,
+    path = "/v1/capsules/{id}/resume",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path), IdempotencyKey),
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
+    responses(
+        (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+        (status = 409, description = "Not possible from the capsule's status, or the same operation is already in flight (`operation_in_progress`, with its id)", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn resume(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -118,6 +203,23 @@ async fn resume(
         .await
 }
 
+/// Snapshots a capsule into a team template, then keeps or destroys it.
+#[utoipa::path(
+    post,
+    path = "/v1/capsules/{id}/snapshot",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path), IdempotencyKey),
+    request_body = SnapshotBody,
+    responses(
+        (status = 202, description = "Accepted: poll the operation (`Location`)", body = AcceptedBody, headers(("Location" = String, description = "`/v1/operations/{id}`"))),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+        (status = 409, description = "Not possible from the capsule's status, or the same operation is already in flight (`operation_in_progress`, with its id)", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn team_snapshot(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -133,6 +235,23 @@ async fn team_snapshot(
         .await
 }
 
+/// Pushes back the moment a capsule is auto-paused.
+#[utoipa::path(
+    post,
+    path = "/v1/capsules/{id}/keepalive",
+    tag = "capsules",
+    security(("api_key" = [])),
+    params(("id" = CapsuleId, Path), IdempotencyKey),
+    request_body = KeepaliveBody,
+    responses(
+        (status = 200, body = KeepaliveReply),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 404, description = "No such capsule in this team", body = ErrorEnvelope),
+        (status = 409, description = "The capsule is stopped", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
 async fn keepalive(
     State(state): State<AppState>,
     Caller(actor): Caller,
@@ -157,71 +276,10 @@ async fn keepalive(
     let expires_at = capsules::keepalive(&mut tx, actor.team_id, id, timeout_sec)
         .await?
         .ok_or_else(|| ApiError::InvalidState("capsule is stopped".into()))?;
-    let reply = Reply::ok(json!({ "expires_at": expires_at }));
+    let reply = Reply::ok(json!(KeepaliveReply { expires_at }));
     idem.remember(&mut tx, &reply).await?;
     tx.commit().await?;
     Ok(reply)
-}
-
-// ---- admin routes ----
-
-async fn admin_create(
-    State(state): State<AppState>,
-    Admin(actor): Admin,
-    key: IdempotencyKey,
-    body: JsonBody<CreateCapsuleBody>,
-) -> Result<Reply, ApiError> {
-    create(&state, &actor, key, body).await
-}
-
-async fn admin_list(
-    State(state): State<AppState>,
-    Admin(_): Admin,
-    QueryParams(q): QueryParams<AdminListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let team = domain::param::<TeamId>("team_id", q.team_id.as_deref())?;
-    let host = domain::param::<HostId>("host_id", q.host_id.as_deref())?;
-    let filter = filter(
-        team,
-        q.status.as_deref(),
-        host,
-        q.limit.as_deref(),
-        q.cursor.as_deref(),
-    )?;
-    list(&state, filter).await
-}
-
-async fn admin_get(
-    State(state): State<AppState>,
-    Admin(_): Admin,
-    PathId(id): PathId<CapsuleId>,
-) -> Result<Json<Capsule>, ApiError> {
-    get_one(&state, None, id).await
-}
-
-async fn admin_destroy(
-    State(state): State<AppState>,
-    Admin(actor): Admin,
-    PathId(id): PathId<CapsuleId>,
-) -> Result<Reply, ApiError> {
-    Lifecycle::admin(&actor, id, OperationKind::Destroy)
-        .run(&state, no_params)
-        .await
-}
-
-/// Snapshots any team's capsule as a platform template, then destroys it.
-async fn admin_snapshot(
-    State(state): State<AppState>,
-    Admin(actor): Admin,
-    PathId(id): PathId<CapsuleId>,
-    key: IdempotencyKey,
-    body: JsonBody<AdminSnapshotBody>,
-) -> Result<Reply, ApiError> {
-    let name = TemplateName::try_from(body.value.name)?;
-    Lifecycle::admin(&actor, id, OperationKind::Snapshot)
-        .idempotent(key, body.hash)
-        .run(&state, |c| snapshot_params(&name, c, true, true))
-        .await
 }
 
 // ---- shared ----
@@ -393,18 +451,16 @@ fn filter(
     })
 }
 
-async fn list(
-    state: &AppState,
-    filter: CapsuleFilter,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list(state: &AppState, filter: CapsuleFilter) -> Result<Json<CapsulePage>, ApiError> {
     let mut conn = state.pool.acquire().await?;
     let page = capsules::list(&mut conn, &filter).await?;
     let next_cursor = (page.len() as i64 == filter.limit)
         .then(|| page.last().map(|c| c.id))
         .flatten();
-    Ok(Json(
-        json!({ "capsules": page, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(CapsulePage {
+        capsules: page,
+        next_cursor,
+    }))
 }
 
 async fn get_one(

@@ -2,21 +2,33 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use hangar_jobs::TemplateId;
 use hangar_jobs::store::Capsule;
-use serde::Deserialize;
+use hangar_jobs::{CapsuleId, CapsuleStatus, HostId, TeamId};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::domain::{MemoryMb, Metadata, TemplateName, TimeoutSec, Vcpus};
 use crate::error::ApiError;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateCapsuleBody {
+    /// A template name (default `base`).
+    #[schema(example = "base")]
     template: Option<String>,
+    /// 1..=16; default: the template's.
+    #[schema(minimum = 1, maximum = 16)]
     vcpus: Option<i64>,
+    /// 128..=16384; default: the template's.
+    #[schema(minimum = 128, maximum = 16384)]
     memory_mb: Option<i64>,
+    /// Seconds of inactivity before the capsule is auto-paused, 10..=86400 (default 300).
+    #[schema(minimum = 10, maximum = 86400)]
     timeout_sec: Option<i64>,
+    /// At most 32 pairs; keys of 1..=64 characters, values of at most 512.
     metadata: Option<BTreeMap<String, String>>,
 }
 
@@ -44,9 +56,10 @@ impl TryFrom<CreateCapsuleBody> for NewCapsule {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SnapshotBody {
+    /// The template to create (replaces the team's template of that name once it exists).
     pub(crate) name: String,
     /// False: destroy the capsule once the snapshot exists.
     #[serde(default = "keep_by_default")]
@@ -57,34 +70,67 @@ fn keep_by_default() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AdminSnapshotBody {
+    /// The platform template to create.
     pub(crate) name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct KeepaliveBody {
+    /// A new inactivity timeout, 10..=86400 (default: the capsule's).
+    #[schema(minimum = 10, maximum = 86400)]
     pub(crate) timeout_sec: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+// Query fields are text, parsed by the handler so that errors name the parameter; the
+// document shows their real types.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct TeamListQuery {
+    #[param(value_type = Option<CapsuleStatus>)]
     pub(crate) status: Option<String>,
+    /// Page size, 1..=200 (default 50).
+    #[param(value_type = Option<u32>)]
     pub(crate) limit: Option<String>,
+    /// The previous page's `next_cursor`.
+    #[param(value_type = Option<CapsuleId>)]
     pub(crate) cursor: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct AdminListQuery {
+    #[param(value_type = Option<TeamId>)]
     pub(crate) team_id: Option<String>,
+    #[param(value_type = Option<CapsuleStatus>)]
     pub(crate) status: Option<String>,
+    #[param(value_type = Option<HostId>)]
     pub(crate) host_id: Option<String>,
+    /// Page size, 1..=200 (default 50).
+    #[param(value_type = Option<u32>)]
     pub(crate) limit: Option<String>,
+    /// The previous page's `next_cursor`.
+    #[param(value_type = Option<CapsuleId>)]
     pub(crate) cursor: Option<String>,
+}
+
+/// A page of capsules, newest first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CapsulePage {
+    pub(crate) capsules: Vec<Capsule>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    pub(crate) next_cursor: Option<CapsuleId>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeepaliveReply {
+    /// When the capsule is auto-paused unless kept alive again.
+    pub(crate) expires_at: DateTime<Utc>,
 }
 
 /// The parameters of a snapshot operation (read by the worker's snapshot job).

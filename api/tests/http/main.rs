@@ -10,5 +10,6 @@ mod capsules;
 mod events;
 mod hosts;
 mod idempotency;
+mod openapi;
 mod operations;
 mod ops;

@@ -41,7 +41,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::migrate!("../migrations").run(pool).await
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Capsule {
     pub id: CapsuleId,
     pub team_id: TeamId,
@@ -60,7 +60,7 @@ pub struct Capsule {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Operation {
     pub id: OperationId,
     pub team_id: TeamId,
@@ -81,7 +81,7 @@ pub struct Operation {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Host {
     pub id: HostId,
     pub name: String,
@@ -102,7 +102,7 @@ pub struct Host {
     pub agent_token: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Template {
     pub id: TemplateId,
     pub team_id: TeamId,
@@ -116,7 +116,7 @@ pub struct Template {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Team {
     pub id: TeamId,
     pub name: String,
@@ -133,7 +133,7 @@ pub struct Principal {
     pub is_platform: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Event {
     pub id: i64,
     pub team_id: TeamId,
