@@ -136,12 +136,7 @@ async fn a_mixed_batch_of_creates_settles_each_as_alone() {
     running.sort();
     assert_eq!(vms, running);
 
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }
 
 /// `n` create intents of `vcpus` each, committed one after the other (ids in order).

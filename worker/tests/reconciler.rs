@@ -6,9 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hangar_jobs::intents::{self, CreateCapsule};
+use hangar_jobs::intents;
 use hangar_jobs::store::hosts::{self, Usage};
-use hangar_jobs::store::tenancy::{self, PLATFORM_TEAM};
 use hangar_jobs::store::{capsules, operations};
 use hangar_jobs::testing::TestEnv;
 use hangar_jobs::{CapsuleStatus, OperationKind, OperationStatus, enqueue, keys};
@@ -470,22 +469,7 @@ async fn workers_run_a_capsule_through_its_life_and_leave_no_vm() {
     let (stop, stopped) = watch::channel(false);
     let worker = tokio::spawn(hangar_worker::run(ctx, stopped));
 
-    let mut tx = world.env.pool.begin().await.unwrap();
-    let template = tenancy::template_for_team(&mut tx, PLATFORM_TEAM, "base")
-        .await
-        .unwrap()
-        .unwrap();
-    let create = CreateCapsule {
-        team_id: PLATFORM_TEAM,
-        template,
-        vcpus: 2,
-        memory_mb: 256,
-        timeout_sec: 600,
-        metadata: serde_json::json!({}),
-        max_attempts: 5,
-    };
-    let accepted = intents::create_capsule(&mut tx, create).await.unwrap();
-    tx.commit().await.unwrap();
+    let accepted = create_intent_sized(&world.env, 2, 256).await;
     let capsule = accepted.capsule.id;
     enqueue::push_committed(
         &world.env.pool,
@@ -524,12 +508,7 @@ async fn workers_run_a_capsule_through_its_life_and_leave_no_vm() {
         "the reservation was given back"
     );
 
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }
 
 // Bugs found while writing these tests: each test states the behaviour the design
@@ -622,10 +601,5 @@ async fn a_job_whose_claim_failed_is_delivered_again() {
 
     // Postgres is back, the worker and its reconciler run: the create should complete.
     settle_within(&world, op, Duration::from_secs(10)).await;
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), worker)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_worker(stop, worker).await;
 }

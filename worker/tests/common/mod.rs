@@ -308,3 +308,16 @@ pub async fn wait_terminal(world: &World, op: OperationId, limit: Duration) -> O
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Stops a worker started with `hangar_worker::run` and waits (10 s at most) for it to end.
+pub async fn stop_worker(
+    stop: watch::Sender<bool>,
+    worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
