@@ -9,6 +9,9 @@
 #   ops/bench.sh                                   pickup, create, throughput, backlog, apalis
 #   ops/bench.sh backlog --jobs 20000 --workers 1  one benchmark, with its flags
 #   ops/bench.sh pickup --help                     a benchmark's flags
+#   ops/bench.sh vm [--runs 10] [--accel auto]     real microVMs (qemu driver, guest image in
+#                                                  $HANGAR_IMAGE_DIR or .hangar/image); builds
+#                                                  only hangar-bench, starts no services
 # Numbers depend on the machine and on whatever else runs on it: quote them with both.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,6 +19,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target=${CARGO_TARGET_DIR:-target}
 hangar_bin=$target/release/hangar
 bench_bin=$target/release/hangar-bench
+
+if [ "${1:-}" = vm ]; then
+    printf '==== %s\n' "cargo build --release -p hangar-bench" >&2
+    SQLX_OFFLINE=true cargo build --release -p hangar-bench
+    echo "# Hangar benchmarks"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')),"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)'),"
+    echo "$(qemu-system-x86_64 --version 2>/dev/null | head -n 1 || echo 'qemu-system-x86_64 not found'), load $(cut -d' ' -f1-3 /proc/loadavg)."
+    exec "$bench_bin" "$@"
+fi
 
 if [ -z "${HANGAR_SERVICES_DIR:-}" ]; then
     printf '==== %s\n' "cargo build --release -p hangar -p hangar-bench" >&2

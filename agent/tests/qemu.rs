@@ -3,8 +3,7 @@
 //! Needs `qemu-system-x86_64` and the guest image (`bash ops/build-guest-image.sh`, in
 //! `$HANGAR_IMAGE_DIR` or `<repo>/.hangar/image`). Without them each test says why and
 //! passes, unless `HANGAR_REQUIRE_VM=1`. VM tests run one at a time (2-core machines): they
-//! share one lock. The measurements are `#[ignore]`d: run them with
-//! `cargo test -p hangar-agent --test qemu -- --ignored --nocapture`.
+//! share one lock.
 
 mod common;
 
@@ -528,6 +527,3 @@ async fn auto_accel_probes_kvm_and_falls_back() {
     let probe_left = dir.path().join("qemu/kvm-probe");
     assert!(!probe_left.exists() || std::fs::read_dir(&probe_left).unwrap().count() == 0);
 }
-
-#[path = "qemu/bench.rs"]
-mod bench;

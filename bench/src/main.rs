@@ -1,6 +1,7 @@
 //! `hangar-bench`: Hangar's benchmarks. Each subcommand starts a private deployment (a fresh
 //! database on `DATABASE_URL`'s server, its own Redis prefix, release `hangar` processes),
-//! measures, prints markdown tables, and kills what it started.
+//! measures, prints markdown tables, and kills what it started. `vm` is different: it runs
+//! real microVMs through the agent's `qemu` driver and gRPC server in-process (no database).
 //!
 //! Run them all with `ops/bench.sh`, or one: `ops/bench.sh pickup --samples 300`.
 
@@ -14,6 +15,7 @@ mod stages;
 mod stats;
 mod streams;
 mod throughput;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -22,7 +24,7 @@ use crate::cluster::Common;
 #[derive(Parser)]
 #[command(
     name = "hangar-bench",
-    about = "Benchmarks of Hangar's enqueue and job paths"
+    about = "Benchmarks of Hangar's enqueue and job paths, and of real microVMs"
 )]
 struct Cli {
     #[command(flatten)]
@@ -43,7 +45,10 @@ enum Bench {
     Backlog(backlog::BacklogArgs),
     /// Baseline: pickup and backlog drain of apalis-redis 1.0 with a no-op handler.
     Apalis(apalis::ApalisArgs),
-    /// Every benchmark above, with its defaults.
+    /// Real microVMs (qemu driver): restore → ready, exec, snapshot, cold boot, RSS (targets:
+    /// restore p50 ≤ 400 ms, snapshot ≤ 100 ms, exec p50 ≤ 10 ms). Needs the guest image.
+    Vm(vm::VmArgs),
+    /// Every benchmark above except `vm`, with its defaults.
     All,
 }
 
@@ -55,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Throughput(args) => throughput::run(common, &args).await,
         Bench::Backlog(args) => backlog::run(common, &args).await,
         Bench::Apalis(args) => apalis::run(common, &args).await,
+        Bench::Vm(args) => vm::run(&args).await,
         Bench::All => {
             let parse = |args: &[&str]| Cli::parse_from(args).command;
             for name in ["pickup", "create", "throughput", "backlog", "apalis"] {
