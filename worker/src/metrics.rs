@@ -78,6 +78,18 @@ impl WorkerMetrics {
     /// The worker's metrics, registered into `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        // Every counter series exists from the start, at 0: `rate()` and dashboards need no
+        // first event, and the label sets are small and fixed.
+        for kind in OperationKind::ALL.iter().map(|k| k.as_str()) {
+            for outcome in [Outcome::Succeeded, Outcome::Failed, Outcome::Cancelled] {
+                let outcome = outcome.as_str();
+                let _ = m.finished.get_or_create(&FinishedLabels { kind, outcome });
+            }
+            let _ = m.retries.get_or_create(&KindLabel { kind });
+        }
+        for (kind, _) in Repairs::default().by_kind() {
+            let _ = m.repairs.get_or_create(&KindLabel { kind });
+        }
         registry.register(
             "hangar_operations",
             "Operations finished by this worker, by kind and outcome (succeeded, failed, cancelled)",
