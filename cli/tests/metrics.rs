@@ -138,7 +138,26 @@ fn metric_names(expr: &str) -> Vec<String> {
         "group_left",
         "group_right",
     ];
-    const KEYWORDS: [&str; 5] = ["and", "or", "unless", "offset", "bool"];
+    // Aggregations may put a grouping between their name and their `(`.
+    const KEYWORDS: [&str; 17] = [
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "bool",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "group",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+    ];
     let mut names = Vec::new();
     let chars: Vec<char> = expr.chars().collect();
     let mut i = 0;
