@@ -229,6 +229,7 @@ async fn run_services(
     println!("Hangar is running (driver: {driver}).");
     println!("  API:        {url}");
     println!("  admin key:  {admin_key}");
+    println!("  metrics:    {url}/metrics (api, worker and agent)");
     println!(
         "  try:        curl -s -X POST {url}/v1/capsules -H 'Authorization: Bearer {admin_key}' -H 'Content-Type: application/json' -d '{{}}'"
     );
