@@ -56,16 +56,28 @@ struct HostLabel {
     host: String,
 }
 
+/// Per-host gauges from Postgres, in the order `sample_postgres` sets them.
+const HOST_GAUGES: [(&str, &str); 4] = [
+    (
+        "hangar_host_vcpus_reserved",
+        "vCPUs reserved on a host by its capsules",
+    ),
+    (
+        "hangar_host_memory_mb_reserved",
+        "Memory in MiB reserved on a host by its capsules",
+    ),
+    ("hangar_host_vcpus_total", "vCPUs a host offers"),
+    ("hangar_host_memory_mb_total", "Memory in MiB a host offers"),
+];
+
 /// The API's metrics and the registry `/metrics` renders.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Histogram>,
     queue_depth: Family<KindLabel, Gauge>,
     capsules: Family<StatusLabel, Gauge>,
-    host_vcpus_reserved: Family<HostLabel, Gauge>,
-    host_memory_mb_reserved: Family<HostLabel, Gauge>,
-    host_vcpus_total: Family<HostLabel, Gauge>,
-    host_memory_mb_total: Family<HostLabel, Gauge>,
+    /// In the order of [`HOST_GAUGES`].
+    hosts: [Family<HostLabel, Gauge>; 4],
     sampled_at: Mutex<Option<Instant>>,
 }
 
@@ -80,49 +92,24 @@ impl Metrics {
             "Time to answer an HTTP request (to the response head), by method, route template and status",
             requests.clone(),
         );
-        let gauges = [
-            (
-                "hangar_queue_depth",
-                "Entries on a job kind's Redis stream (not yet acknowledged)",
-            ),
-            ("hangar_capsules", "Capsules by status"),
-            (
-                "hangar_host_vcpus_reserved",
-                "vCPUs reserved on a host by its capsules (Postgres)",
-            ),
-            (
-                "hangar_host_memory_mb_reserved",
-                "Memory in MiB reserved on a host by its capsules (Postgres)",
-            ),
-            ("hangar_host_vcpus_total", "vCPUs a host offers (Postgres)"),
-            (
-                "hangar_host_memory_mb_total",
-                "Memory in MiB a host offers (Postgres)",
-            ),
-        ];
         let queue_depth = Family::default();
+        registry.register(
+            "hangar_queue_depth",
+            "Entries on a job kind's Redis stream (not yet acknowledged)",
+            queue_depth.clone(),
+        );
         let capsules = Family::default();
-        let host = std::array::from_fn::<Family<HostLabel, Gauge>, 4, _>(|_| Family::default());
-        registry.register(gauges[0].0, gauges[0].1, queue_depth.clone());
-        registry.register(gauges[1].0, gauges[1].1, capsules.clone());
-        for (family, (name, help)) in host.iter().zip(&gauges[2..]) {
-            registry.register(*name, *help, family.clone());
+        registry.register("hangar_capsules", "Capsules by status", capsules.clone());
+        let hosts: [Family<HostLabel, Gauge>; 4] = Default::default();
+        for (family, (name, help)) in hosts.iter().zip(HOST_GAUGES) {
+            registry.register(name, help, family.clone());
         }
-        let [
-            host_vcpus_reserved,
-            host_memory_mb_reserved,
-            host_vcpus_total,
-            host_memory_mb_total,
-        ] = host;
         Self {
             registry,
             requests,
             queue_depth,
             capsules,
-            host_vcpus_reserved,
-            host_memory_mb_reserved,
-            host_vcpus_total,
-            host_memory_mb_total,
+            hosts,
             sampled_at: Mutex::new(None),
         }
     }
@@ -167,13 +154,7 @@ impl Metrics {
                 .set(count);
         }
         // Removed hosts disappear rather than keep their last values.
-        let families = [
-            &self.host_vcpus_reserved,
-            &self.host_memory_mb_reserved,
-            &self.host_vcpus_total,
-            &self.host_memory_mb_total,
-        ];
-        for family in families {
+        for family in &self.hosts {
             family.clear();
         }
         for h in hosts {
@@ -184,7 +165,7 @@ impl Metrics {
                 h.vcpus_total,
                 h.memory_mb_total,
             ];
-            for (family, value) in families.iter().zip(values) {
+            for (family, value) in self.hosts.iter().zip(values) {
                 family.get_or_create(&label).set(value.into());
             }
         }
