@@ -3,14 +3,16 @@
 #   - the PostgreSQL server (15: initdb, postgres, pg_ctl under /usr/lib/postgresql/15/bin),
 #   - redis-server (and redis-cli, which comes with it),
 #   - psql (ops/sqlx-prepare.sh), jq and curl (the README's walkthrough),
+#   - prometheus (cli/tests/metrics.rs scrapes a cluster with the real server),
 #   - a C compiler and libc headers (the `ring` crate behind rustls compiles C),
 #   - for real microVMs (ops/build-guest-image.sh, the qemu driver, guest/tests/vm.rs):
 #     QEMU 10 from bookworm-backports (Debian 12's own 7.2 conflicts with the backported
 #     qemu-utils some machines ship), and what the guest image is built with: busybox-static,
 #     lz4, cpio, kmod, e2fsprogs; the backports suite is added on the mirror already in use.
 # Protobuf needs nothing: the build compiles the .proto files with protox, in Rust.
-# Hangar runs private Postgres and Redis instances, so the services these packages start
-# (a cluster on 5432, a Redis on 6379) are stopped and disabled, with or without systemd.
+# Hangar runs private Postgres and Redis instances (and the tests their own Prometheus), so
+# the services these packages start (a cluster on 5432, a Redis on 6379, a Prometheus on 9090)
+# are stopped and disabled, with or without systemd.
 # Idempotent: installs only what is missing; `apt-get update` runs only then.
 set -euo pipefail
 
@@ -42,7 +44,8 @@ if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
 else
     missing+=(redis-server)
 fi
-for tool in psql:postgresql-client jq:jq curl:curl; do
+# prometheus: the metrics test scrapes a running cluster with the real server.
+for tool in psql:postgresql-client jq:jq curl:curl prometheus:prometheus; do
     if command -v "${tool%%:*}" >/dev/null; then
         say "${tool%%:*}: present"
     else
@@ -128,7 +131,7 @@ fi
 # The distro services. Only these are touched (by unit, init script, cluster or their own pid
 # file), never another Postgres or Redis that happens to run on the machine.
 if [ -d /run/systemd/system ]; then
-    for unit in postgresql redis-server; do
+    for unit in postgresql redis-server prometheus; do
         if systemctl is-active --quiet "$unit"; then
             say "stopping the distro's $unit service"
             "${sudo[@]}" systemctl stop "$unit"
@@ -153,7 +156,11 @@ else
         say "stopping the distro's redis-server"
         "${sudo[@]}" /etc/init.d/redis-server stop
     fi
-    for service in postgresql redis-server; do
+    if [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+        say "stopping the distro's prometheus"
+        "${sudo[@]}" /etc/init.d/prometheus stop
+    fi
+    for service in postgresql redis-server prometheus; do
         if compgen -G "/etc/rc[2-5].d/S??$service" >/dev/null; then
             say "disabling the distro's $service service at boot"
             "${sudo[@]}" update-rc.d "$service" disable >/dev/null 2>&1 || true

@@ -7,7 +7,8 @@
 # cargo fmt --check, clippy with warnings denied, the build of every binary, and the tests
 # (two test threads unless the extra args say otherwise). Queries are checked at compile time
 # against the committed .sqlx/ cache (SQLX_OFFLINE=true), not against the fresh database.
-# The real-VM tests are required (HANGAR_REQUIRE_VM=1 unless set otherwise).
+# The real-VM tests are required (HANGAR_REQUIRE_VM=1 unless set otherwise), and so is the
+# real-Prometheus test (HANGAR_REQUIRE_PROMETHEUS=1).
 #   ops/test.sh                            everything
 #   ops/test.sh -p hangar-jobs -- store    one crate, tests matching `store`
 set -euo pipefail
@@ -29,6 +30,8 @@ fi
 export SQLX_OFFLINE=true
 # The VM tests (QEMU, under TCG where KVM is unusable) run for real: missing QEMU or image fails.
 export HANGAR_REQUIRE_VM=${HANGAR_REQUIRE_VM:-1}
+# The metrics test scrapes a cluster with the real Prometheus: a missing `prometheus` fails.
+export HANGAR_REQUIRE_PROMETHEUS=${HANGAR_REQUIRE_PROMETHEUS:-1}
 export HANGAR_IMAGE_DIR=${HANGAR_IMAGE_DIR:-$PWD/.hangar/image}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 [ -d .sqlx ] || echo "warning: no .sqlx/ query cache; the build of query! macros will fail (cargo sqlx prepare --workspace)" >&2

@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod driver;
+pub mod metrics;
 mod outbox;
 pub mod secret;
 pub mod server;
@@ -23,6 +24,7 @@ pub use crate::driver::qemu::AccelSetting;
 use crate::driver::qemu::{QemuConfig, QemuDriver};
 use crate::driver::sim::{SimConfig, SimDriver};
 use crate::driver::{Driver, DriverEvent};
+use crate::metrics::{AgentMetrics, Metered};
 use crate::outbox::Outbox;
 use crate::secret::Secret;
 
@@ -113,6 +115,7 @@ pub struct Agent {
     listener: TcpListener,
     addr: SocketAddr,
     identity: Identity,
+    metrics: AgentMetrics,
 }
 
 impl Agent {
@@ -130,7 +133,15 @@ impl Agent {
             listener,
             addr,
             identity,
+            metrics: AgentMetrics::default(),
         })
+    }
+
+    /// Records the driver's calls and the host's usage into `metrics` (registered nowhere
+    /// by default).
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -147,6 +158,7 @@ impl Agent {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let metrics = self.metrics.clone();
         match self.config.driver {
             DriverKind::Sim => {
                 let c = &self.config;
@@ -161,6 +173,7 @@ impl Agent {
                     crash_rate_per_min: c.sim_crash_rate,
                 };
                 let driver = SimDriver::open(sim, events_tx).context("opening the sim driver")?;
+                let driver = Metered::new(driver, metrics);
                 self.serve(Arc::new(driver), events_rx, shutdown).await
             }
             DriverKind::Qemu => {
@@ -176,6 +189,7 @@ impl Agent {
                 let driver = QemuDriver::open(qemu, events_tx)
                     .await
                     .context("opening the qemu driver")?;
+                let driver = Metered::new(driver, metrics);
                 self.serve(Arc::new(driver), events_rx, shutdown).await
             }
         }
@@ -192,6 +206,7 @@ impl Agent {
             listener,
             addr,
             mut identity,
+            metrics: _,
         } = self;
         let agent_token = identity.agent_token.clone();
         let host_name = config

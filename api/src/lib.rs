@@ -17,6 +17,7 @@ mod events;
 mod extract;
 mod hosts;
 mod idempotency;
+pub mod metrics;
 mod operations;
 mod ops;
 mod templates;
@@ -31,11 +32,13 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
+use axum::middleware;
 use hangar_jobs::KeyId;
 use hangar_jobs::keys;
 use hangar_jobs::queue::JobQueue;
 use hangar_jobs::store::PgPool;
 use hangar_jobs::store::tenancy::{self, NewKey, PLATFORM_TEAM};
+use prometheus_client::registry::Registry;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -102,6 +105,8 @@ pub struct AppState {
         Arc<cache::TtlCache<(hangar_jobs::TeamId, String), hangar_jobs::store::Template>>,
     /// Clients of the host agents, for `exec`.
     pub(crate) agents: hangar_jobs::agents::AgentPool,
+    /// The process's metrics registry and the API's own metrics in it.
+    pub(crate) metrics: Arc<metrics::Metrics>,
     /// Stops the LISTEN task when the last clone of the state is dropped.
     _listener: Arc<ListenerTask>,
 }
@@ -129,8 +134,16 @@ impl AppState {
             agents: hangar_jobs::agents::AgentPool::new(std::time::Duration::from_secs(
                 capsules::MAX_EXEC_TIMEOUT_SECS + 30,
             )),
+            metrics: Arc::new(metrics::Metrics::new(Registry::default())),
             _listener: Arc::new(listener),
         })
+    }
+
+    /// Serves `registry` at `/metrics` with the API's metrics added to it: how `hangar dev`
+    /// shows the worker's and the agent's metrics beside the API's.
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.metrics = Arc::new(metrics::Metrics::new(registry));
+        self
     }
 
     /// How many `?wait=` requests are parked right now (for tests and metrics).
@@ -151,6 +164,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .merge(admin::router())
         .merge(hosts::router())
         .merge(ops::router())
+        .merge(metrics::router())
         .merge(docs::router())
 }
 
@@ -174,6 +188,10 @@ pub fn router(state: AppState) -> Router {
     });
     let (routes, _document) = routes().split_for_parts();
     routes
+        .route_layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::track,
+        ))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))

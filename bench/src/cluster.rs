@@ -178,6 +178,9 @@ impl Cluster {
             .env("HANGAR_JOIN_TOKEN", &self.join_token)
             .env("HANGAR_CONTROL_PLANE_URL", &self.api_url)
             .env("HANGAR_LOG", &self.log_filter)
+            // Several workers and agents share the machine: no metrics listeners.
+            .env("HANGAR_WORKER_METRICS_LISTEN", "")
+            .env("HANGAR_AGENT_METRICS_LISTEN", "")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

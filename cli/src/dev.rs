@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use hangar_jobs::store;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::local_services::{LocalPostgres, LocalRedis, free_port};
@@ -195,22 +196,30 @@ async fn run_services(
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {} (is another hangar running?)", args.listen))?;
+    // One registry for the three roles, served at the API's /metrics.
+    let mut registry = Registry::default();
+    let worker_metrics = hangar_worker::WorkerMetrics::register(&mut registry);
+    let agent_metrics = hangar_agent::metrics::AgentMetrics::register(&mut registry);
     let config = hangar_api::ApiConfig::new(args.listen, join_token.clone());
-    let state = hangar_api::AppState::new(pool.clone(), queue.clone(), config).await?;
+    let state = hangar_api::AppState::new(pool.clone(), queue.clone(), config)
+        .await?
+        .with_registry(registry);
     let api = tokio::spawn(hangar_api::serve(listener, state, stopped(stop_rx.clone())));
 
     let worker_config = hangar_worker::WorkerConfig {
         name: Some(format!("dev-{}", hangar_jobs::keys::random_hex(3))),
         ..Default::default()
     };
-    let worker = tokio::spawn(hangar_worker::run(
-        hangar_worker::context(pool.clone(), queue.clone(), worker_config),
-        stop_rx.clone(),
-    ));
+    let mut worker_ctx = hangar_worker::context(pool.clone(), queue.clone(), worker_config);
+    worker_ctx.metrics = worker_metrics;
+    let worker = tokio::spawn(hangar_worker::run(worker_ctx, stop_rx.clone()));
 
     let agent_config = agent_config(args, data_dir, &join_token, choose_driver(args));
     let started = chrono::Utc::now();
-    let agent = tokio::spawn(hangar_agent::run(agent_config, stopped(stop_rx.clone())));
+    let agent = hangar_agent::Agent::bind(agent_config)
+        .await?
+        .with_metrics(agent_metrics);
+    let agent = tokio::spawn(agent.run(stopped(stop_rx.clone())));
     let driver = registered_driver(&pool, &format!("http://{}", args.agent_listen), started)
         .await
         .unwrap_or_else(|| "the agent has not registered yet: see the log".into());
@@ -220,6 +229,7 @@ async fn run_services(
     println!("Hangar is running (driver: {driver}).");
     println!("  API:        {url}");
     println!("  admin key:  {admin_key}");
+    println!("  metrics:    {url}/metrics (api, worker and agent)");
     println!(
         "  try:        curl -s -X POST {url}/v1/capsules -H 'Authorization: Bearer {admin_key}' -H 'Content-Type: application/json' -d '{{}}'"
     );

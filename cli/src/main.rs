@@ -2,12 +2,14 @@
 
 mod dev;
 mod local_services;
+mod metrics;
 mod telemetry;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hangar_jobs::queue::JobQueue;
 use hangar_jobs::store::{self, PgPool};
+use prometheus_client::registry::Registry;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
 
@@ -40,7 +42,7 @@ enum Command {
     /// A worker process: job consumers and the reconciler.
     Worker(WorkerArgs),
     /// The host agent (on each KVM host).
-    Agent(hangar_agent::AgentConfig),
+    Agent(AgentArgs),
     /// Applies the database migrations.
     Migrate(DatabaseArgs),
 }
@@ -83,6 +85,26 @@ struct WorkerArgs {
     redis: RedisArgs,
     #[command(flatten)]
     worker: hangar_worker::WorkerConfig,
+    /// Address of the worker's Prometheus `/metrics` listener; empty for none.
+    #[arg(
+        long,
+        env = "HANGAR_WORKER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9101"
+    )]
+    metrics_listen: metrics::MetricsListen,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    agent: hangar_agent::AgentConfig,
+    /// Address of the agent's Prometheus `/metrics` listener; empty for none.
+    #[arg(
+        long,
+        env = "HANGAR_AGENT_METRICS_LISTEN",
+        default_value = "127.0.0.1:9102"
+    )]
+    metrics_listen: metrics::MetricsListen,
 }
 
 #[tokio::main]
@@ -93,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Api(args) => run_api(args).await,
         Command::Worker(args) => run_worker(args).await,
-        Command::Agent(config) => hangar_agent::run(config, shutdown_signal()).await,
+        Command::Agent(args) => run_agent(args).await,
         Command::Migrate(args) => {
             let pool = connect_postgres(&args.database_url, 2).await?;
             store::migrate(&pool).await.context("applying migrations")?;
@@ -121,13 +143,32 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
 async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let pool = connect_postgres(&args.database.database_url, 40).await?;
     let queue = connect_redis(&args.redis).await?;
-    let ctx = hangar_worker::context(pool, queue, args.worker);
+    let mut ctx = hangar_worker::context(pool, queue, args.worker);
+    let mut registry = Registry::default();
+    ctx.metrics = hangar_worker::WorkerMetrics::register(&mut registry);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut metrics_stop = stop_rx.clone();
+    metrics::spawn(args.metrics_listen, registry, async move {
+        let _ = metrics_stop.wait_for(|stop| *stop).await;
+    })
+    .await?;
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     hangar_worker::run(ctx, stop_rx).await
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let agent_metrics = hangar_agent::metrics::AgentMetrics::register(&mut registry);
+    let agent = hangar_agent::Agent::bind(args.agent).await?;
+    // The listener outlives the agent's drain by a moment; the process exits right after.
+    metrics::spawn(args.metrics_listen, registry, std::future::pending()).await?;
+    agent
+        .with_metrics(agent_metrics)
+        .run(shutdown_signal())
+        .await
 }
 
 pub async fn connect_postgres(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {

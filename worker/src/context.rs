@@ -7,6 +7,7 @@ use hangar_jobs::queue::JobQueue;
 use hangar_jobs::store::PgPool;
 
 use crate::WorkerConfig;
+use crate::metrics::WorkerMetrics;
 
 #[derive(Clone)]
 pub struct JobContext {
@@ -16,4 +17,5 @@ pub struct JobContext {
     /// This process's unique worker name: the lease owner of the operations it runs.
     pub worker: String,
     pub config: Arc<WorkerConfig>,
+    pub metrics: WorkerMetrics,
 }

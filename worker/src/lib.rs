@@ -3,6 +3,7 @@
 
 mod context;
 mod jobs;
+pub mod metrics;
 pub mod reconciler;
 mod runner;
 
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 pub use context::JobContext;
+pub use metrics::WorkerMetrics;
 
 /// Worker settings (flags and `HANGAR_*` environment variables).
 #[derive(Debug, Clone, clap::Args)]
@@ -113,7 +115,8 @@ fn default_worker_name() -> String {
     )
 }
 
-/// Builds the shared context of one worker process.
+/// Builds the shared context of one worker process; its metrics are registered nowhere
+/// until [`JobContext::metrics`] is replaced by [`WorkerMetrics::register`]'s.
 pub fn context(pool: PgPool, queue: JobQueue, config: WorkerConfig) -> JobContext {
     let worker = config.name.clone().unwrap_or_else(default_worker_name);
     let agents =
@@ -124,6 +127,7 @@ pub fn context(pool: PgPool, queue: JobQueue, config: WorkerConfig) -> JobContex
         agents,
         worker,
         config: Arc::new(config),
+        metrics: WorkerMetrics::default(),
     }
 }
 

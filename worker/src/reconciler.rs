@@ -33,8 +33,10 @@ pub async fn run(ctx: JobContext, mut stop: watch::Receiver<bool>) {
                 let inventory = take_turn(&ctx, "inventory", ctx.config.inventory_interval())
                     .await
                     .unwrap_or(false);
-                if let Err(error) = tick_with(&ctx, inventory).await {
-                    warn!(%error, "reconciler tick failed; the next one retries");
+                let start = std::time::Instant::now();
+                match tick_with(&ctx, inventory).await {
+                    Ok(repairs) => ctx.metrics.ticked(start.elapsed(), &repairs),
+                    Err(error) => warn!(%error, "reconciler tick failed; the next one retries"),
                 }
             }
             Ok(false) => {}
@@ -75,6 +77,22 @@ pub struct Repairs {
     pub auto_paused: usize,
 }
 
+impl Repairs {
+    /// Each count with its name (the `kind` label of the repairs metric).
+    pub fn by_kind(&self) -> [(&'static str, usize); 8] {
+        [
+            ("pushed", self.pushed),
+            ("hosts_unreachable", self.hosts_unreachable),
+            ("capsules_unknown", self.capsules_unknown),
+            ("capsules_missing", self.capsules_missing),
+            ("capsules_restored", self.capsules_restored),
+            ("orphans_destroyed", self.orphans_destroyed),
+            ("deadlines_settled", self.deadlines_settled),
+            ("auto_paused", self.auto_paused),
+        ]
+    }
+}
+
 /// One reconciliation pass over everything, the inventory sweep included.
 pub async fn tick(ctx: &JobContext) -> Result<Repairs, StoreError> {
     tick_with(ctx, true).await
@@ -99,16 +117,7 @@ async fn tick_with(ctx: &JobContext, inventory: bool) -> Result<Repairs, StoreEr
     }
     settle_deadlines(ctx, &mut repairs).await?;
     auto_pause(ctx, &mut repairs).await?;
-    if repairs.pushed
-        + repairs.hosts_unreachable
-        + repairs.capsules_unknown
-        + repairs.capsules_missing
-        + repairs.capsules_restored
-        + repairs.orphans_destroyed
-        + repairs.deadlines_settled
-        + repairs.auto_paused
-        > 0
-    {
+    if repairs.by_kind().iter().any(|(_, n)| *n > 0) {
         info!(?repairs, "reconciler repaired drift");
     }
     Ok(repairs)

@@ -20,6 +20,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::context::JobContext;
 use crate::jobs::{self, JobError};
+use crate::metrics::Outcome;
 
 /// Reads `kind`'s stream until `stop` flips, then waits for the jobs it started.
 pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Receiver<bool>) {
@@ -140,7 +141,10 @@ pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) -> bool {
             };
             tracing::Span::current().record("attempt", op.attempts);
             match jobs::execute(ctx, &op).await {
-                Ok(()) => return true,
+                Ok(()) => {
+                    ctx.metrics.finished(&op, Outcome::Succeeded);
+                    return true;
+                }
                 Err(error) => {
                     if !handle_failure(ctx, &op, error).await {
                         return true;
@@ -191,13 +195,19 @@ async fn run_batch(ctx: JobContext, slotted: Vec<(Delivery, OwnedSemaphorePermit
             return;
         }
     };
+    for op in &ops {
+        ctx.metrics.claimed(op);
+    }
     let outcomes = jobs::execute_batch(&ctx, ops).await;
     for (op, outcome) in outcomes {
         let Some((delivery, permit)) = by_op.remove(&op.id) else {
             continue;
         };
         match outcome {
-            Ok(()) => settled.push(delivery),
+            Ok(()) => {
+                ctx.metrics.finished(&op, Outcome::Succeeded);
+                settled.push(delivery);
+            }
             Err(error) => {
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
@@ -222,13 +232,17 @@ async fn claim(
     op_id: hangar_jobs::OperationId,
 ) -> Result<Option<Operation>, hangar_jobs::store::StoreError> {
     let mut conn = ctx.pool.acquire().await?;
-    operations::claim(
+    let op = operations::claim(
         &mut conn,
         op_id,
         &ctx.worker,
         ctx.config.lease().as_secs_f64(),
     )
-    .await
+    .await?;
+    if let Some(op) = &op {
+        ctx.metrics.claimed(op);
+    }
+    Ok(op)
 }
 
 /// Applies the retry policy to a failed attempt. Returns true to attempt again.
@@ -244,6 +258,7 @@ async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bo
             };
             match operations::mark_retrying(&mut conn, op.id, &ctx.worker, message, hold).await {
                 Ok(true) => {
+                    ctx.metrics.retried(op);
                     drop(conn);
                     tokio::time::sleep(delay).await;
                     return true;
@@ -255,15 +270,18 @@ async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bo
         JobError::Transient(message) => {
             let message = format!("gave up after {} attempts: {message}", op.attempts);
             error!(%message, "operation failed");
-            jobs::fail(ctx, op, "attempts_exhausted", &message).await
+            let failed = jobs::fail(ctx, op, "attempts_exhausted", &message).await;
+            failed.inspect(|()| ctx.metrics.finished(op, Outcome::Failed))
         }
         JobError::Permanent { code, message } => {
             error!(%code, %message, "operation failed");
-            jobs::fail(ctx, op, code, message).await
+            let failed = jobs::fail(ctx, op, code, message).await;
+            failed.inspect(|()| ctx.metrics.finished(op, Outcome::Failed))
         }
         JobError::Stale(reason) => {
             info!(%reason, "operation superseded; nothing done");
-            jobs::supersede(ctx, op, reason).await
+            let superseded = jobs::supersede(ctx, op, reason).await;
+            superseded.inspect(|()| ctx.metrics.finished(op, Outcome::Cancelled))
         }
         JobError::Deferred => {
             let mut conn = match ctx.pool.acquire().await {

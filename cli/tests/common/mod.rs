@@ -22,6 +22,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     dir: PathBuf,
     children: HashMap<String, Child>,
+    /// The `/metrics` address of each spawned worker and agent, by name.
+    pub metrics_addrs: HashMap<String, String>,
 }
 
 fn free_port() -> u16 {
@@ -51,6 +53,7 @@ impl Cluster {
             http: reqwest::Client::new(),
             dir,
             children: HashMap::new(),
+            metrics_addrs: HashMap::new(),
         };
         cluster.spawn(
             "api",
@@ -72,7 +75,11 @@ impl Cluster {
     pub fn spawn(&mut self, name: &str, args: &[&str], extra_env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
+        // A port of its own, so parallel clusters and several workers never collide.
+        let metrics = format!("127.0.0.1:{}", free_port());
         cmd.args(args)
+            .env("HANGAR_WORKER_METRICS_LISTEN", &metrics)
+            .env("HANGAR_AGENT_METRICS_LISTEN", &metrics)
             .env("HANGAR_DATABASE_URL", &self.env.database_url)
             .env("HANGAR_REDIS_URL", &self.env.redis_url)
             .env("HANGAR_REDIS_PREFIX", self.env.queue.prefix())
@@ -90,6 +97,7 @@ impl Cluster {
         }
         let child = cmd.spawn().expect("spawn hangar");
         self.children.insert(name.to_owned(), child);
+        self.metrics_addrs.insert(name.to_owned(), metrics);
     }
 
     pub fn spawn_worker(&mut self, name: &str, extra_env: &[(&str, &str)]) {
