@@ -1,12 +1,13 @@
-//! Admin routes (platform admin keys): teams, their API keys, and hosts. Admin capsule
-//! routes live with the team ones in `capsules.rs`.
+//! Admin routes (platform admin keys): teams, their API keys, and hosts (cordon, drain).
+//! Admin capsule routes live with the team ones in `capsules.rs`, operator actions on
+//! operations in `admin_operations.rs`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hangar_jobs::store::tenancy::{self, NewKey};
-use hangar_jobs::store::{Host, PgConnection, Principal, hosts};
+use hangar_jobs::store::{Host, PgConnection, Principal, capsules, hosts};
 use hangar_jobs::{HostId, KeyId, TeamId, keys};
 use serde::Deserialize;
 use serde_json::json;
@@ -25,6 +26,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/admin/hosts", get(list_hosts))
         .route("/v1/admin/hosts/{id}/cordon", post(cordon))
         .route("/v1/admin/hosts/{id}/uncordon", post(uncordon))
+        .route("/v1/admin/hosts/{id}/drain", post(drain))
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +171,36 @@ async fn uncordon(
         Idempotency::new(actor.team_id, key, body.hash),
     )
     .await
+}
+
+/// Drains a host: cordons it (no new placements) and marks it draining, and answers with
+/// the host and the capsules still on it. Nothing is destroyed or moved: the operator decides
+/// what happens to them (`uncordon` ends the drain).
+async fn drain(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(id): PathId<HostId>,
+    key: IdempotencyKey,
+    body: JsonBody<Empty>,
+) -> Result<Reply, ApiError> {
+    let idem = Idempotency::new(actor.team_id, key, body.hash);
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    if !hosts::drain(&mut tx, id).await? {
+        return Err(ApiError::NotFound("host"));
+    }
+    let host = hosts::get(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("host"))?;
+    let remaining = capsules::on_host(&mut tx, id).await?;
+    let detail = json!({ "capsules": remaining.len() });
+    audit::accepted(&mut tx, Some(&actor), None, "host.drain", id, detail).await?;
+    let reply = Reply::ok(json!({ "host": host, "capsules": remaining }));
+    idem.remember(&mut tx, &reply).await?;
+    tx.commit().await?;
+    Ok(reply)
 }
 
 async fn set_cordoned(
