@@ -11,4 +11,5 @@ mod events;
 mod hosts;
 mod idempotency;
 mod operations;
+mod operator;
 mod ops;
