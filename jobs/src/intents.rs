@@ -248,7 +248,10 @@ pub struct Cancelled {
 /// transient status the operation put it in (see `OperationKind::cancelled_status`) if the
 /// capsule is still there at the operation's generation; otherwise the capsule is left as
 /// it is (something else moved it, and that move stands).
-pub async fn cancel_queued(conn: &mut PgConnection, op: &Operation) -> Result<Cancelled, IntentError> {
+pub async fn cancel_queued(
+    conn: &mut PgConnection,
+    op: &Operation,
+) -> Result<Cancelled, IntentError> {
     let prior = op.params["prior_status"]
         .as_str()
         .and_then(|s| s.parse::<CapsuleStatus>().ok());
@@ -267,20 +270,28 @@ pub async fn cancel_queued(conn: &mut PgConnection, op: &Operation) -> Result<Ca
     .await?
     .ok_or_else(|| {
         IntentError::Refused(
-            "operation is no longer queued; a job a worker has started cannot be cancelled"
-                .into(),
+            "operation is no longer queued; a job a worker has started cannot be cancelled".into(),
         )
     })?;
     let Some(capsule_id) = op.capsule_id else {
-        return Ok(Cancelled { operation, capsule: None });
+        return Ok(Cancelled {
+            operation,
+            capsule: None,
+        });
     };
     let Some(capsule) = capsules::get(conn, None, capsule_id).await? else {
-        return Ok(Cancelled { operation, capsule: None });
+        return Ok(Cancelled {
+            operation,
+            capsule: None,
+        });
     };
-    let at_start = Some(capsule.status) == op.kind.start_status()
-        && capsule.generation == op.generation;
+    let at_start =
+        Some(capsule.status) == op.kind.start_status() && capsule.generation == op.generation;
     if !at_start {
-        return Ok(Cancelled { operation, capsule: Some(capsule) });
+        return Ok(Cancelled {
+            operation,
+            capsule: Some(capsule),
+        });
     }
     let reason = (back == CapsuleStatus::Error).then_some("create cancelled by an operator");
     let from = capsule.status;

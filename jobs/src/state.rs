@@ -321,13 +321,17 @@ mod tests {
     #[test]
     fn cancelling_a_queued_operation_is_an_allowed_transition() {
         for kind in OperationKind::ALL {
-            let (Some(start), Some(back)) = (kind.start_status(), kind.cancelled_status(Some(Paused)))
+            let (Some(start), Some(back)) =
+                (kind.start_status(), kind.cancelled_status(Some(Paused)))
             else {
                 continue;
             };
             assert!(start.can_become(back), "{kind}: {start} -> {back}");
         }
-        assert_eq!(OperationKind::Snapshot.cancelled_status(Some(Running)), Some(Running));
+        assert_eq!(
+            OperationKind::Snapshot.cancelled_status(Some(Running)),
+            Some(Running)
+        );
         assert_eq!(OperationKind::Snapshot.cancelled_status(Some(Error)), None);
         assert_eq!(OperationKind::Destroy.cancelled_status(Some(Running)), None);
     }
