@@ -1,11 +1,12 @@
-//! Admin routes (platform admin keys): teams, their API keys, and hosts. Admin capsule
-//! routes live with the team ones in `capsules.rs`.
+//! Admin routes (platform admin keys): teams, their API keys, and hosts (cordon, drain).
+//! Admin capsule routes live with the team ones in `capsules.rs`, operator actions on
+//! operations in `admin_operations.rs`.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use hangar_jobs::store::tenancy::{self, NewKey};
-use hangar_jobs::store::{Host, PgConnection, Principal, Team, hosts};
+use hangar_jobs::store::{Capsule, Host, PgConnection, Principal, Team, capsules, hosts};
 use hangar_jobs::{HostId, KeyId, TeamId, keys};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -27,6 +28,7 @@ pub(crate) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_hosts))
         .routes(routes!(cordon))
         .routes(routes!(uncordon))
+        .routes(routes!(drain))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -270,6 +272,65 @@ async fn uncordon(
         Idempotency::new(actor.team_id, key, body.hash),
     )
     .await
+}
+
+/// A drained host and what still runs on it.
+#[derive(Serialize, ToSchema)]
+struct Drained {
+    host: Host,
+    capsules: Vec<Capsule>,
+}
+
+/// Drains a host: cordons it (no new placements) and marks it draining, and answers with
+/// the host and the capsules still on it. Nothing is destroyed or moved: the operator decides
+/// what happens to them (`uncordon` ends the drain).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/hosts/{id}/drain",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(("id" = HostId, Path), IdempotencyKey),
+    request_body(content = Empty, description = "None: send nothing, or `{}`"),
+    responses(
+        (status = 200, body = Drained),
+        (status = 400, description = "Invalid input", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+        (status = 404, description = "No such host", body = ErrorEnvelope),
+        (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
+    )
+)]
+async fn drain(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    PathId(id): PathId<HostId>,
+    key: IdempotencyKey,
+    body: JsonBody<Empty>,
+) -> Result<Reply, ApiError> {
+    let idem = Idempotency::new(actor.team_id, key, body.hash);
+    let mut tx = state.pool.begin().await?;
+    if let Some(reply) = idem.replay(&mut tx).await? {
+        return Ok(reply);
+    }
+    if !hosts::drain(&mut tx, id).await? {
+        return Err(ApiError::NotFound("host"));
+    }
+    let host = hosts::get(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("host"))?;
+    let remaining = capsules::on_host(&mut tx, id).await?;
+    let detail = json!({ "capsules": remaining.len() });
+    audit::accepted(&mut tx, Some(&actor), None, "host.drain", id, detail).await?;
+    let reply = Reply::ok(
+        serde_json::to_value(Drained {
+            host,
+            capsules: remaining,
+        })
+        .map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    idem.remember(&mut tx, &reply).await?;
+    tx.commit().await?;
+    Ok(reply)
 }
 
 async fn set_cordoned(

@@ -144,6 +144,7 @@ impl From<IntentError> for ApiError {
         match e {
             IntentError::InvalidState { .. } => ApiError::InvalidState(e.to_string()),
             IntentError::InProgress { operation } => ApiError::OperationInProgress { operation },
+            IntentError::Refused(message) => ApiError::InvalidState(message),
             IntentError::Store(store) => store.into(),
         }
     }

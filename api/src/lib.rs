@@ -7,6 +7,7 @@
 //! every query is a named function of `hangar_jobs::store`.
 
 mod admin;
+mod admin_operations;
 mod audit;
 mod cache;
 mod capsules;
@@ -162,6 +163,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .merge(events::router())
         .merge(templates::router())
         .merge(admin::router())
+        .merge(admin_operations::router())
         .merge(hosts::router())
         .merge(ops::router())
         .merge(metrics::router())

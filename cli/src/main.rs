@@ -1,5 +1,7 @@
-//! `hangar`: the one binary. A subcommand per role; each calls into its library crate.
+//! `hangar`: the one binary. A subcommand per role; each calls into its library crate. The
+//! client commands (`capsule`, `op`, `host`) talk to a running API (`client/`).
 
+mod client;
 mod dev;
 mod local_services;
 mod metrics;
@@ -17,7 +19,8 @@ use tokio::sync::watch;
 #[command(
     name = "hangar",
     version,
-    about = "Control plane for microVM sandboxes (capsules)"
+    about = "Control plane for microVM sandboxes (capsules)",
+    after_help = client::EXIT_CODES
 )]
 struct Cli {
     /// Log format: `human` or `json`.
@@ -45,6 +48,8 @@ enum Command {
     Agent(AgentArgs),
     /// Applies the database migrations.
     Migrate(DatabaseArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Args, Clone)]
@@ -110,8 +115,12 @@ struct AgentArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    // Client commands print results, not logs.
+    if !matches!(cli.command, Command::Client(_)) {
+        telemetry::init(cli.log_format);
+    }
     match cli.command {
+        Command::Client(command) => std::process::exit(client::run(command).await),
         Command::Dev(args) => dev::run(args).await,
         Command::Api(args) => run_api(args).await,
         Command::Worker(args) => run_worker(args).await,

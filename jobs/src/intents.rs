@@ -24,6 +24,9 @@ pub enum IntentError {
     },
     #[error("operation {operation} is already in progress on this capsule")]
     InProgress { operation: OperationId },
+    /// An operator action that the operation's or the capsule's state does not allow.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<sqlx::Error> for IntentError {
@@ -179,6 +182,142 @@ async fn destroy(
         operation,
         capsule,
         is_new: true,
+    })
+}
+
+/// Retries the failed create `failed` of `capsule`: the capsule goes `error → starting` and a
+/// new create with the same parameters is queued. Allowed only while the capsule is still
+/// in `error` exactly as that failure left it (one generation after the operation's) and no
+/// other operation is in flight: then nothing has touched it since, and the create job
+/// resumes from its placement (the agent's create is idempotent by capsule id).
+pub async fn retry_create(
+    conn: &mut PgConnection,
+    capsule: Capsule,
+    failed: &Operation,
+    max_attempts: i32,
+) -> Result<Accepted, IntentError> {
+    debug_assert_eq!(failed.kind, OperationKind::Create);
+    if capsule.status != CapsuleStatus::Error || capsule.generation != failed.generation + 1 {
+        return Err(IntentError::Refused(format!(
+            "capsule is {} and has changed since this create failed; only a create whose \
+             failure left the capsule in error can be retried",
+            capsule.status
+        )));
+    }
+    if let Some(op) = operations::in_flight(conn, capsule.id).await? {
+        return Err(IntentError::InProgress { operation: op.id });
+    }
+    if let Some(destroy) = operations::destroy_in_flight(conn, capsule.id).await? {
+        return Err(IntentError::InProgress { operation: destroy });
+    }
+    let moved = capsules::transition(
+        conn,
+        capsule.id,
+        CapsuleStatus::Error,
+        capsule.generation,
+        CapsuleStatus::Starting,
+        None,
+    )
+    .await?
+    .ok_or_else(|| IntentError::Refused("the capsule changed meanwhile; try again".into()))?;
+    let operation = insert_operation(
+        conn,
+        &moved,
+        OperationKind::Create,
+        max_attempts,
+        failed.params.clone(),
+    )
+    .await?;
+    let message = format!("create retried by an operator (after {})", failed.id);
+    event(conn, &moved, &operation, Some(capsule.status), &message).await?;
+    Ok(Accepted {
+        operation,
+        capsule: moved,
+        is_new: true,
+    })
+}
+
+/// A queued operation cancelled by an operator, and its capsule as it now is.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    pub operation: Operation,
+    pub capsule: Option<Capsule>,
+}
+
+/// Cancels `op` if no worker has claimed it yet, and moves its capsule back from the
+/// transient status the operation put it in (see `OperationKind::cancelled_status`) if the
+/// capsule is still there at the operation's generation; otherwise the capsule is left as
+/// it is (something else moved it, and that move stands).
+pub async fn cancel_queued(
+    conn: &mut PgConnection,
+    op: &Operation,
+) -> Result<Cancelled, IntentError> {
+    let prior = op.params["prior_status"]
+        .as_str()
+        .and_then(|s| s.parse::<CapsuleStatus>().ok());
+    let Some(back) = op.kind.cancelled_status(prior) else {
+        return Err(IntentError::Refused(format!(
+            "{} operations cannot be cancelled",
+            op.kind
+        )));
+    };
+    let operation = operations::cancel_queued(
+        conn,
+        op.id,
+        "cancelled_by_operator",
+        "cancelled by an operator before it started",
+    )
+    .await?
+    .ok_or_else(|| {
+        IntentError::Refused(
+            "operation is no longer queued; a job a worker has started cannot be cancelled".into(),
+        )
+    })?;
+    let Some(capsule_id) = op.capsule_id else {
+        return Ok(Cancelled {
+            operation,
+            capsule: None,
+        });
+    };
+    let Some(capsule) = capsules::get(conn, None, capsule_id).await? else {
+        return Ok(Cancelled {
+            operation,
+            capsule: None,
+        });
+    };
+    let at_start =
+        Some(capsule.status) == op.kind.start_status() && capsule.generation == op.generation;
+    if !at_start {
+        return Ok(Cancelled {
+            operation,
+            capsule: Some(capsule),
+        });
+    }
+    let reason = (back == CapsuleStatus::Error).then_some("create cancelled by an operator");
+    let from = capsule.status;
+    let Some(moved) =
+        capsules::transition(conn, capsule.id, from, capsule.generation, back, reason).await?
+    else {
+        // Moved by someone else between the read and the update: that move stands.
+        let capsule = capsules::get(conn, None, capsule_id).await?;
+        return Ok(Cancelled { operation, capsule });
+    };
+    records::insert_event(
+        conn,
+        NewEvent {
+            team_id: moved.team_id,
+            capsule_id: Some(moved.id),
+            operation_id: Some(op.id),
+            kind: "status_changed",
+            from: Some(from),
+            to: Some(back),
+            message: Some(&format!("{} cancelled by an operator", op.kind)),
+        },
+    )
+    .await?;
+    Ok(Cancelled {
+        operation,
+        capsule: Some(moved),
     })
 }
 

@@ -121,6 +121,9 @@ pub const TRANSITIONS: &[(CapsuleStatus, CapsuleStatus)] = &[
     (Running, Error),
     (Running, Unknown),
     (Pausing, Paused),
+    // An operator cancelled the queued pause before any worker claimed it: the VM was never
+    // touched.
+    (Pausing, Running),
     (Pausing, Error),
     (Pausing, Unknown),
     (Paused, Resuming),
@@ -129,6 +132,9 @@ pub const TRANSITIONS: &[(CapsuleStatus, CapsuleStatus)] = &[
     (Paused, Error),
     (Paused, Unknown),
     (Resuming, Running),
+    // A queued resume cancelled by an operator (never claimed), or an `auto_paused` report
+    // that arrives before the resume runs: the VM is paused.
+    (Resuming, Paused),
     (Resuming, Error),
     (Resuming, Unknown),
     // A snapshot returns the capsule to where it was, or goes on to destroy it.
@@ -140,6 +146,9 @@ pub const TRANSITIONS: &[(CapsuleStatus, CapsuleStatus)] = &[
     (Stopping, Stopped),
     (Stopping, Error),
     (Error, Stopping),
+    // An operator retries the failed create that left the capsule here (nothing moved it
+    // since): placement is kept and the agent's create is idempotent by capsule id.
+    (Error, Starting),
     // A host that comes back reports what it really runs.
     (Unknown, Running),
     (Unknown, Paused),
@@ -209,6 +218,20 @@ impl OperationKind {
                 Unknown,
             ],
             OperationKind::Create | OperationKind::HostEvent => &[],
+        }
+    }
+
+    /// Where the capsule goes back to when a queued (never claimed) operation of this kind is
+    /// cancelled; `prior` is where it was when the operation was accepted (snapshots record
+    /// it). `None`: the kind cannot be cancelled (a destroy always runs; a host report is a
+    /// fact). A cancelled create leaves a capsule that never had a VM: `error`, to destroy.
+    pub fn cancelled_status(self, prior: Option<CapsuleStatus>) -> Option<CapsuleStatus> {
+        match self {
+            OperationKind::Create => Some(Error),
+            OperationKind::Pause => Some(Running),
+            OperationKind::Resume => Some(Paused),
+            OperationKind::Snapshot => prior.filter(|p| matches!(p, Running | Paused)),
+            OperationKind::Destroy | OperationKind::HostEvent => None,
         }
     }
 
@@ -293,6 +316,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn cancelling_a_queued_operation_is_an_allowed_transition() {
+        for kind in OperationKind::ALL {
+            let (Some(start), Some(back)) =
+                (kind.start_status(), kind.cancelled_status(Some(Paused)))
+            else {
+                continue;
+            };
+            assert!(start.can_become(back), "{kind}: {start} -> {back}");
+        }
+        assert_eq!(
+            OperationKind::Snapshot.cancelled_status(Some(Running)),
+            Some(Running)
+        );
+        assert_eq!(OperationKind::Snapshot.cancelled_status(Some(Error)), None);
+        assert_eq!(OperationKind::Destroy.cancelled_status(Some(Running)), None);
     }
 
     proptest! {

@@ -308,6 +308,14 @@ impl TestApp {
                 "select count(*) from hosts where cordoned",
             ),
             (
+                "hosts.draining",
+                "select count(*) from hosts where drain_requested_at is not null",
+            ),
+            (
+                "operations.status",
+                "select count(*) from operations where status = 'queued'",
+            ),
+            (
                 "operations.pushed",
                 "select count(*) from operations where pushed_at is not null",
             ),

@@ -12,4 +12,5 @@ mod hosts;
 mod idempotency;
 mod openapi;
 mod operations;
+mod operator;
 mod ops;

@@ -86,7 +86,7 @@ pub async fn get(conn: &mut PgConnection, id: HostId) -> StoreResult<Option<Host
         r#"select h.id as "id: HostId", h.name, h.address, h.driver, h.status, h.cordoned,
                   h.vcpus_total, h.memory_mb_total, h.vcpus_reserved, h.memory_mb_reserved,
                   hb.vcpus_used, hb.memory_mb_used, hb.last_heartbeat_at, h.created_at,
-                  h.agent_token
+                  h.agent_token, h.drain_requested_at
            from hosts h join host_heartbeats hb on hb.host_id = h.id where h.id = $1"#,
         id.0,
     )
@@ -101,7 +101,7 @@ pub async fn list(conn: &mut PgConnection) -> StoreResult<Vec<Host>> {
         r#"select h.id as "id: HostId", h.name, h.address, h.driver, h.status, h.cordoned,
                   h.vcpus_total, h.memory_mb_total, h.vcpus_reserved, h.memory_mb_reserved,
                   hb.vcpus_used, hb.memory_mb_used, hb.last_heartbeat_at, h.created_at,
-                  h.agent_token
+                  h.agent_token, h.drain_requested_at
            from hosts h join host_heartbeats hb on hb.host_id = h.id order by h.name"#,
     )
     .fetch_all(conn)
@@ -109,15 +109,31 @@ pub async fn list(conn: &mut PgConnection) -> StoreResult<Vec<Host>> {
     Ok(hosts)
 }
 
+/// Cordons or uncordons a host; uncordoning also ends a drain.
 pub async fn set_cordoned(
     conn: &mut PgConnection,
     id: HostId,
     cordoned: bool,
 ) -> StoreResult<bool> {
     let done = sqlx::query!(
-        "update hosts set cordoned = $2 where id = $1",
+        "update hosts
+         set cordoned = $2, drain_requested_at = case when $2 then drain_requested_at end
+         where id = $1",
         id.0,
         cordoned
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Cordons a host and marks it draining (the first request's time is kept).
+pub async fn drain(conn: &mut PgConnection, id: HostId) -> StoreResult<bool> {
+    let done = sqlx::query!(
+        "update hosts
+         set cordoned = true, drain_requested_at = coalesce(drain_requested_at, now())
+         where id = $1",
+        id.0,
     )
     .execute(conn)
     .await?;

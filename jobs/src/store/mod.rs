@@ -100,6 +100,8 @@ pub struct Host {
     /// The bearer token workers present to this host's agent.
     #[serde(skip)]
     pub agent_token: String,
+    /// When an operator asked to drain it (it is cordoned until uncordoned).
+    pub drain_requested_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

@@ -306,6 +306,38 @@ pub async fn finish(
     Ok(true)
 }
 
+/// Cancels an operation no worker has claimed yet (`queued`), notifying long-pollers on
+/// commit. `None` when it is no longer queued: a worker's claim and this update exclude each
+/// other on the row, so a job is either never started or never cancelled.
+pub async fn cancel_queued(
+    conn: &mut PgConnection,
+    id: OperationId,
+    error_code: &str,
+    error: &str,
+) -> StoreResult<Option<Operation>> {
+    let op = sqlx::query_as!(
+        Operation,
+        r#"update operations
+           set status = 'cancelled', error_code = $2, last_error = $3, finished_at = now(),
+               updated_at = now()
+           where id = $1 and status = 'queued'
+           returning id as "id: OperationId", team_id as "team_id: TeamId",
+                     capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
+                     status as "status: OperationStatus", generation, attempts, max_attempts,
+                     last_error, error_code, step, params, result, created_at, started_at,
+                     finished_at, updated_at"#,
+        id.0,
+        error_code,
+        error,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if op.is_some() {
+        notify_finished(conn, &[id]).await?;
+    }
+    Ok(op)
+}
+
 /// Tells long-pollers (on commit) that these operations finished: the payload is their ids
 /// separated by commas, in as few notifications as fit Postgres's 8,000-byte payload limit.
 pub async fn notify_finished(conn: &mut PgConnection, ids: &[OperationId]) -> StoreResult<()> {

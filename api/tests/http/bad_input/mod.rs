@@ -3,6 +3,7 @@
 
 mod admin_hosts;
 mod capsules;
+mod operator;
 
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
