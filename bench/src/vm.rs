@@ -50,35 +50,13 @@ struct KillGuard(PathBuf);
 
 impl Drop for KillGuard {
     fn drop(&mut self) {
-        for pid in pids_mentioning(&self.0) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        files::kill_processes_mentioning(&self.0);
     }
-}
-
-/// Live processes (not zombies) whose argv mentions `dir`.
-fn pids_mentioning(dir: &Path) -> Vec<i32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| files::process_alive(pid))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
-        })
-        .collect()
 }
 
 /// The one QEMU running under `dir`.
 fn only_qemu(dir: &Path) -> anyhow::Result<i32> {
-    match pids_mentioning(dir)[..] {
+    match files::pids_mentioning(dir)[..] {
         [pid] => Ok(pid),
         ref pids => anyhow::bail!("expected one QEMU under {}, found {pids:?}", dir.display()),
     }

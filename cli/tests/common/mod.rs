@@ -287,28 +287,11 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
         // VM processes outlive their agent by design: kill those under this cluster's folder.
-        kill_processes_mentioning(&self.dir);
+        hangar_agent::driver::qemu::files::kill_processes_mentioning(&self.dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("process logs kept in {}", self.dir.display());
-        }
-    }
-}
-
-fn kill_processes_mentioning(dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    let needle = dir.to_string_lossy().into_owned();
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
     }
 }

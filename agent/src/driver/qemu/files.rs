@@ -264,6 +264,34 @@ pub fn process_alive(pid: i32) -> bool {
     !matches!(state, Some("Z" | "X") | None)
 }
 
+/// Live processes whose command line mentions `dir`: the VMs whose files live under it.
+pub fn pids_mentioning(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| process_alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
+
+/// SIGKILLs every process [`pids_mentioning`] `dir`: tests and benchmarks clean up with it,
+/// since VMs outlive the agent that started them by design.
+pub fn kill_processes_mentioning(dir: &Path) {
+    for pid in pids_mentioning(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// Resident memory of a process in KiB (`VmRSS`), for measurements.
 pub fn rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
