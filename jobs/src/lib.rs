@@ -3,6 +3,7 @@
 //! `api` and `worker` depend on this crate; it serves neither HTTP nor gRPC.
 
 pub mod agents;
+pub mod backend;
 pub mod enqueue;
 pub mod ids;
 pub mod intents;

@@ -1,5 +1,6 @@
-//! Hangar's workers: a consumer per job kind, the agent client pool, placement, and the
-//! reconciler. Run as many worker processes as you like, each with a unique name.
+//! Hangar's workers: an apalis worker per job kind, the agent client pool, placement, and
+//! the reconciler (an apalis-cron worker). Run as many worker processes as you like, each
+//! with a unique name.
 
 mod context;
 mod jobs;
@@ -10,11 +11,16 @@ mod runner;
 use std::sync::Arc;
 use std::time::Duration;
 
+use apalis::prelude::{Monitor, WorkerBuilder, WorkerBuilderExt};
+use apalis_cron::CronScheduler;
 use hangar_jobs::OperationKind;
+use hangar_jobs::backend::JobStream;
 use hangar_jobs::queue::JobQueue;
 use hangar_jobs::store::PgPool;
 use tokio::sync::watch;
-use tracing::info;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tracing::{info, warn};
 
 pub use context::JobContext;
 pub use metrics::WorkerMetrics;
@@ -44,9 +50,14 @@ pub struct WorkerConfig {
     /// Timeout of one call to a host agent.
     #[arg(long, env = "HANGAR_AGENT_TIMEOUT_SECS", default_value_t = 30.0)]
     pub agent_timeout_secs: f64,
-    /// Reconciler tick interval (one tick cluster-wide per interval).
-    #[arg(long, env = "HANGAR_RECONCILE_INTERVAL_MS", default_value_t = 2_000)]
-    pub reconcile_interval_ms: u64,
+    /// When the reconciler ticks: a cron schedule with seconds (6 fields; the default is
+    /// every 2 s). Every worker process ticks; one per tick does the work.
+    #[arg(
+        long,
+        env = "HANGAR_RECONCILE_SCHEDULE",
+        default_value = "*/2 * * * * *"
+    )]
+    pub reconcile_schedule: String,
     /// Interval of the reconciler's inventory sweep, which lists every host's VMs and
     /// compares them with every capsule (O(fleet), so less often than the tick).
     #[arg(long, env = "HANGAR_INVENTORY_INTERVAL_MS", default_value_t = 10_000)]
@@ -86,9 +97,6 @@ impl WorkerConfig {
     }
     pub fn retry_cap(&self) -> Duration {
         Duration::from_millis(self.retry_cap_ms)
-    }
-    pub fn reconcile_interval(&self) -> Duration {
-        Duration::from_millis(self.reconcile_interval_ms.max(10))
     }
     pub fn inventory_interval(&self) -> Duration {
         Duration::from_millis(self.inventory_interval_ms.max(10))
@@ -131,17 +139,56 @@ pub fn context(pool: PgPool, queue: JobQueue, config: WorkerConfig) -> JobContex
     }
 }
 
-/// Runs a consumer per job kind and the reconciler until `stop` flips to true; then lets
-/// running jobs finish (up to the shutdown grace) and returns.
-pub async fn run(ctx: JobContext, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Runs an apalis worker per job kind and the reconciler's until `stop` flips to true; then
+/// lets running jobs finish (up to the shutdown grace) and returns.
+pub async fn run(ctx: JobContext, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     ctx.queue.ensure_groups().await?;
+    let schedule = reconciler::schedule(&ctx.config)?;
     info!(worker = %ctx.worker, concurrency = ctx.config.concurrency, "worker started");
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut monitor = Monitor::new()
+        .shutdown_timeout(ctx.config.shutdown_grace())
+        // Our backends never fail; a panic that escapes a job restarts its worker (its
+        // deliveries stay pending on the stream and are reclaimed).
+        .should_restart(|worker, error| {
+            warn!(worker = worker.name(), %error, "worker stopped by an error; restarting");
+            true
+        });
     for kind in OperationKind::ALL.iter().copied() {
-        tasks.spawn(runner::consume(ctx.clone(), kind, stop.clone()));
+        let ctx = ctx.clone();
+        monitor = monitor.register(move |_restarts| {
+            let stream = JobStream::new(
+                ctx.queue.clone(),
+                kind,
+                &ctx.worker,
+                runner::stream_settings(&ctx.config, kind),
+            );
+            WorkerBuilder::new(format!("{}:{kind}", ctx.worker))
+                .backend(stream)
+                .concurrency(ctx.config.concurrency)
+                .data(ctx.clone())
+                .build(runner::run_task)
+        });
     }
-    tasks.spawn(reconciler::run(ctx.clone(), stop.clone()));
-    while tasks.join_next().await.is_some() {}
+    let reconciler_ctx = ctx.clone();
+    monitor = monitor.register(move |_restarts| {
+        WorkerBuilder::new(format!("{}:reconciler", reconciler_ctx.worker))
+            .backend(CronScheduler::new(schedule.clone()))
+            // A tick still running when the next is due makes the next one a no-op.
+            .layer(LoadShedLayer::new())
+            .layer(ConcurrencyLimitLayer::new(1))
+            .data(reconciler_ctx.clone())
+            .build(reconciler::run_tick)
+    });
+    monitor
+        .run_with_signal(async move {
+            while !*stop.borrow_and_update() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .await?;
     info!(worker = %ctx.worker, "worker stopped");
     Ok(())
 }

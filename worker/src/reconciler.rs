@@ -1,5 +1,5 @@
-//! The reconciler: a scheduled job that repairs whatever drifted. It ticks in every worker
-//! process, but a Redis lease lets exactly one process run each tick cluster-wide.
+//! The reconciler: an apalis-cron job that repairs whatever drifted. It ticks in every worker
+//! process, but a per-tick key in Redis lets exactly one process run each tick cluster-wide.
 //!
 //! Level-triggered: each tick looks at the whole state again, so a missed tick or a crash
 //! mid-tick loses nothing. Every repair is a conditional update; "already gone" is success.
@@ -7,6 +7,9 @@
 //! inventory sweep (every host's VMs against its capsules), which runs at its own, longer
 //! interval (`inventory_interval_ms`).
 
+use anyhow::Context as _;
+use apalis::prelude::Data;
+use apalis_cron::Tick;
 use hangar_jobs::intents;
 use hangar_jobs::store::records::{self, NewEvent};
 use hangar_jobs::store::{Capsule, Host, StoreError, capsules, hosts, operations};
@@ -14,36 +17,62 @@ use hangar_jobs::{CapsuleId, CapsuleStatus, OperationKind, enqueue};
 use hangar_proto::{ListSandboxesRequest, SandboxRef, SandboxState};
 use serde_json::json;
 use std::collections::HashSet;
-use tokio::sync::watch;
+use std::str::FromStr;
 use tracing::{info, warn};
 
+use crate::WorkerConfig;
 use crate::context::JobContext;
 
-/// Ticks until `stop` flips.
-pub async fn run(ctx: JobContext, mut stop: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(ctx.config.reconcile_interval());
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = stop.changed() => return,
-        }
-        match take_turn(&ctx, "tick", ctx.config.reconcile_interval()).await {
-            Ok(true) => {
-                let inventory = take_turn(&ctx, "inventory", ctx.config.inventory_interval())
-                    .await
-                    .unwrap_or(false);
-                let start = std::time::Instant::now();
-                match tick_with(&ctx, inventory).await {
-                    Ok(repairs) => ctx.metrics.ticked(start.elapsed(), &repairs),
-                    Err(error) => warn!(%error, "reconciler tick failed; the next one retries"),
-                }
+/// The reconciler's schedule, parsed from the configuration.
+pub fn schedule(config: &WorkerConfig) -> anyhow::Result<cron::Schedule> {
+    cron::Schedule::from_str(&config.reconcile_schedule).with_context(|| {
+        format!(
+            "HANGAR_RECONCILE_SCHEDULE {:?} is not a cron schedule with seconds \
+             (6 fields, e.g. \"*/2 * * * * *\" for every 2 s)",
+            config.reconcile_schedule
+        )
+    })
+}
+
+/// The apalis-cron handler: every worker process gets every tick; the first to claim the
+/// tick's key in Redis runs it, the others do nothing.
+pub async fn run_tick(tick: Tick, ctx: Data<JobContext>) {
+    match claim_tick(&ctx, tick.get_timestamp()).await {
+        Ok(true) => {
+            let inventory = take_turn(&ctx, "inventory", ctx.config.inventory_interval())
+                .await
+                .unwrap_or(false);
+            let start = std::time::Instant::now();
+            match tick_with(&ctx, inventory).await {
+                Ok(repairs) => ctx.metrics.ticked(start.elapsed(), &repairs),
+                Err(error) => warn!(%error, "reconciler tick failed; the next one retries"),
             }
-            Ok(false) => {}
-            Err(error) => warn!(%error, "reconciler lease unavailable"),
         }
+        Ok(false) => {}
+        Err(error) => warn!(%error, "reconciler tick could not be claimed; the next one retries"),
     }
 }
+
+/// One process wins each tick: ticks of every process share their timestamps (seconds on
+/// the schedule), so the tick's key is the same everywhere.
+async fn claim_tick(ctx: &JobContext, timestamp: u64) -> redis::RedisResult<bool> {
+    let mut conn = ctx.queue.connection();
+    let won: Option<String> = redis::cmd("SET")
+        .arg(format!(
+            "{}:reconciler:tick:{timestamp}",
+            ctx.queue.prefix()
+        ))
+        .arg(&ctx.worker)
+        .arg("NX")
+        .arg("EX")
+        .arg(TICK_KEY_TTL_SECS)
+        .query_async(&mut conn)
+        .await?;
+    Ok(won.is_some())
+}
+
+/// How long a tick's key outlives its tick: longer than any clock skew between workers.
+const TICK_KEY_TTL_SECS: u64 = 300;
 
 /// One process wins each turn of `what`: the lease lives slightly less than one interval.
 async fn take_turn(

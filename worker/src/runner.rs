@@ -1,5 +1,5 @@
-//! The consumer loops: one per job kind, each reading its Redis stream through the shared
-//! consumer group and running up to `concurrency` jobs at once.
+//! The job handler of the apalis workers, one worker per job kind, each reading its Redis
+//! stream through [`hangar_jobs::backend::JobStream`] and running up to `concurrency` jobs.
 //!
 //! For each delivery the runner claims the operation in Postgres (a conditional update with
 //! a lease), runs attempts with exponential backoff and jitter while they are transient and
@@ -8,108 +8,55 @@
 //! dropped: duplicates are harmless.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
+use apalis::prelude::Data;
+
 use backon::{BackoffBuilder, ExponentialBuilder};
+use hangar_jobs::backend::{Deliveries, Slotted, StreamSettings};
 use hangar_jobs::queue::Delivery;
 use hangar_jobs::store::{Operation, operations};
 use hangar_jobs::{OperationId, OperationKind};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::WorkerConfig;
 use crate::context::JobContext;
 use crate::jobs::{self, JobError};
 use crate::metrics::Outcome;
 
-/// Reads `kind`'s stream until `stop` flips, then waits for the jobs it started.
-pub async fn consume(ctx: JobContext, kind: OperationKind, mut stop: watch::Receiver<bool>) {
-    let concurrency = ctx.config.concurrency;
-    let slots = Arc::new(Semaphore::new(concurrency));
-    let mut consumer = loop {
-        match ctx
-            .queue
-            .consumer(kind, &ctx.worker, Duration::from_secs(2))
-            .await
-        {
-            Ok(c) => break c,
-            Err(error) => {
-                warn!(%error, %kind, "cannot open the job stream; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => return,
-                }
-            }
-        }
-    };
-    let reclaim_every = ctx.config.lease();
-    let mut last_reclaim = tokio::time::Instant::now();
-    while !*stop.borrow() {
-        // Only read as many entries as there are free slots, so unread work stays on the
-        // stream for other workers.
-        let free = slots.available_permits();
-        if free == 0 {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => p,
-                _ = stop.changed() => break,
-            };
-            drop(permit);
-            continue;
-        }
-        let batch = if last_reclaim.elapsed() >= reclaim_every {
-            last_reclaim = tokio::time::Instant::now();
-            consumer.reclaim(ctx.config.lease() * 2, free).await
-        } else {
-            tokio::select! {
-                b = consumer.next_batch(free) => b,
-                _ = stop.changed() => break,
-            }
-        };
-        let deliveries = match batch {
-            Ok(d) => d,
-            Err(error) => {
-                warn!(%error, %kind, "reading the job stream failed; retrying");
-                // Redis may have lost the stream or its group (a restart without
-                // persistence): recreate them; the reconciler re-pushes the lost jobs.
-                if error.code() == Some("NOGROUP") {
-                    let _ = ctx.queue.ensure_groups().await;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let mut slotted = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            let permit = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closes");
-            slotted.push((delivery, permit));
-        }
-        if jobs::runs_batched(kind) && slotted.len() > 1 {
-            tokio::spawn(run_batch(ctx.clone(), slotted));
-            continue;
-        }
-        for (delivery, permit) in slotted {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                // An unsettled delivery stays pending on the stream and is reclaimed later.
-                if run_delivery(&ctx, &delivery).await {
-                    ack(&ctx, &[&delivery]).await;
-                }
-                drop(permit);
-            });
-        }
+/// The handler of every job worker: settles the task's deliveries and acknowledges them.
+/// A delivery's slot is freed when it settles, so the backend can read more meanwhile.
+pub async fn run_task(deliveries: Deliveries, ctx: Data<JobContext>) {
+    let Deliveries(mut slotted) = deliveries;
+    if slotted.len() > 1 && slotted.iter().all(|s| jobs::runs_batched(s.delivery.kind)) {
+        run_batch(&ctx, slotted).await;
+        return;
     }
-    // Shutdown: wait for running jobs to settle (they hold leases; nothing is lost if we
-    // are killed instead — the lease expires and the reconciler pushes them again).
-    let _ = tokio::time::timeout(
-        ctx.config.shutdown_grace(),
-        slots.acquire_many(concurrency as u32),
-    )
-    .await;
-    info!(%kind, "consumer stopped");
+    // The backend hands out one delivery per task for kinds that do not run batched.
+    let runs = slotted.drain(..).map(|Slotted { delivery, slot }| {
+        let ctx = &ctx;
+        async move {
+            // An unsettled delivery stays pending on the stream and is reclaimed later.
+            if run_delivery(ctx, &delivery).await {
+                ack(ctx, &[&delivery]).await;
+            }
+            drop(slot);
+        }
+    });
+    futures::future::join_all(runs).await;
+}
+
+/// How the worker of `kind` reads its stream: a slot per job it may run, reads that park up
+/// to 2 s (bounding how late a stop is seen), and entries another worker held past two
+/// leases taken over once per lease.
+pub fn stream_settings(config: &WorkerConfig, kind: OperationKind) -> StreamSettings {
+    StreamSettings {
+        concurrency: config.concurrency,
+        block: Duration::from_secs(2),
+        reclaim_every: config.lease(),
+        reclaim_idle: config.lease() * 2,
+        batched: jobs::runs_batched(kind),
+    }
 }
 
 /// Acknowledges settled deliveries of one stream.
@@ -164,13 +111,13 @@ fn job_span(kind: OperationKind, op_id: OperationId) -> tracing::Span {
 /// Settles a batch of deliveries of a kind that [`jobs::runs_batched`]: one claim for all,
 /// one attempt of all together, one ack for the settled. An operation whose attempt failed
 /// continues alone, as in [`run_delivery`], and frees its slot when it settles.
-async fn run_batch(ctx: JobContext, slotted: Vec<(Delivery, OwnedSemaphorePermit)>) {
+async fn run_batch(ctx: &JobContext, slotted: Vec<Slotted>) {
     let mut by_op = HashMap::with_capacity(slotted.len());
     let mut settled = Vec::new();
-    for (delivery, permit) in slotted {
+    for Slotted { delivery, slot } in slotted {
         match delivery.operation_id {
             Some(op_id) => {
-                by_op.insert(op_id, (delivery, permit));
+                by_op.insert(op_id, (delivery, slot));
             }
             None => {
                 warn!(entry = %delivery.entry_id, "dropping a malformed job entry");
@@ -191,16 +138,17 @@ async fn run_batch(ctx: JobContext, slotted: Vec<(Delivery, OwnedSemaphorePermit
         Err(error) => {
             // Nothing acked: the entries stay pending and are reclaimed later.
             warn!(%error, count = ids.len(), "batch claim failed; the jobs will be redelivered");
-            ack(&ctx, &settled.iter().collect::<Vec<_>>()).await;
+            ack(ctx, &settled.iter().collect::<Vec<_>>()).await;
             return;
         }
     };
     for op in &ops {
         ctx.metrics.claimed(op);
     }
-    let outcomes = jobs::execute_batch(&ctx, ops).await;
+    let outcomes = jobs::execute_batch(ctx, ops).await;
+    let mut retries = Vec::new();
     for (op, outcome) in outcomes {
-        let Some((delivery, permit)) = by_op.remove(&op.id) else {
+        let Some((delivery, slot)) = by_op.remove(&op.id) else {
             continue;
         };
         match outcome {
@@ -208,23 +156,21 @@ async fn run_batch(ctx: JobContext, slotted: Vec<(Delivery, OwnedSemaphorePermit
                 ctx.metrics.finished(&op, Outcome::Succeeded);
                 settled.push(delivery);
             }
-            Err(error) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    let span = job_span(delivery.kind, op.id);
-                    span.record("attempt", op.attempts);
-                    let retry = handle_failure(&ctx, &op, error).instrument(span).await;
-                    if !retry || run_delivery(&ctx, &delivery).await {
-                        ack(&ctx, &[&delivery]).await;
-                    }
-                    drop(permit);
-                });
-            }
+            Err(error) => retries.push(async move {
+                let span = job_span(delivery.kind, op.id);
+                span.record("attempt", op.attempts);
+                let retry = handle_failure(ctx, &op, error).instrument(span).await;
+                if !retry || run_delivery(ctx, &delivery).await {
+                    ack(ctx, &[&delivery]).await;
+                }
+                drop(slot);
+            }),
         }
     }
     // What is left was not claimed: terminal, or held by another worker.
     settled.extend(by_op.into_values().map(|(delivery, _)| delivery));
-    ack(&ctx, &settled.iter().collect::<Vec<_>>()).await;
+    ack(ctx, &settled.iter().collect::<Vec<_>>()).await;
+    futures::future::join_all(retries).await;
 }
 
 async fn claim(

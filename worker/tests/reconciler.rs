@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use apalis::prelude::Data;
+use apalis_cron::Tick;
 use common::*;
 use hangar_jobs::intents;
 use hangar_jobs::store::hosts::{self, Usage};
@@ -386,11 +388,11 @@ async fn a_capsule_past_its_timeout_is_paused() {
     assert_eq!(world.vms().await.len(), 3);
 }
 
-/// Two worker processes on one Redis: each tick interval, one of them reconciles. Each
-/// process here talks to a database of its own holding one lost operation, so which of
-/// them ticked shows in which operation got pushed.
+/// Two worker processes on one Redis get the same cron ticks: one of them runs each tick.
+/// Each process here talks to a database of its own holding one lost operation, so which
+/// of them ran a tick shows in which operation got pushed.
 #[tokio::test]
-async fn only_one_process_ticks_per_interval() {
+async fn each_tick_runs_in_one_process_only() {
     let a = TestEnv::new().await;
     let b = TestEnv::new().await;
     let ops = [
@@ -401,7 +403,6 @@ async fn only_one_process_ticks_per_interval() {
     age(&b, ops[1]).await;
     let config = |name: &str| WorkerConfig {
         name: Some(format!("{name}-{}", keys::random_hex(3))),
-        reconcile_interval_ms: 60_000,
         ..WorkerConfig::default()
     };
     // Same Redis prefix (`a.queue`), different databases.
@@ -410,56 +411,52 @@ async fn only_one_process_ticks_per_interval() {
         hangar_worker::context(b.pool.clone(), a.queue.clone(), config("beta")),
     ];
     let names = [contexts[0].worker.clone(), contexts[1].worker.clone()];
-    let (stop, stopped) = watch::channel(false);
-    // Both loops tick at once when they start; the lease lets one through.
-    let loops: Vec<_> = contexts
-        .into_iter()
-        .map(|ctx| tokio::spawn(reconciler::run(ctx, stopped.clone())))
-        .collect();
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let winner = loop {
-        let done = [pushed(&a, ops[0]).await.0, pushed(&b, ops[1]).await.0];
-        if let Some(i) = done.iter().position(Option::is_some) {
-            break i;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "nobody ticked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let envs = [&a, &b];
+    let tick = |ctx: &hangar_worker::JobContext, at: u64| {
+        reconciler::run_tick(Tick::new(at), Data::new(ctx.clone()))
     };
+    let at = 1_000_000;
+
+    // Both processes get the tick at once: one runs it.
+    tokio::join!(tick(&contexts[0], at), tick(&contexts[1], at));
+    let done = [pushed(&a, ops[0]).await.0, pushed(&b, ops[1]).await.0];
+    let ran: Vec<usize> = (0..2).filter(|i| done[*i].is_some()).collect();
+    assert_eq!(ran.len(), 1, "both or neither ran the tick: {done:?}");
+    let (winner, loser) = (ran[0], 1 - ran[0]);
     let mut redis = a.queue.connection();
-    let lease_key = format!("{}:reconciler:tick", a.queue.prefix());
+    let key = format!("{}:reconciler:tick:{at}", a.queue.prefix());
     let holder: Option<String> = redis::cmd("GET")
-        .arg(&lease_key)
+        .arg(&key)
         .query_async(&mut redis)
         .await
         .unwrap();
     assert_eq!(holder.as_deref(), Some(names[winner].as_str()));
-    let ttl_ms: i64 = redis::cmd("PTTL")
-        .arg(&lease_key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(
-        (1..=54_000).contains(&ttl_ms),
-        "the lease lives 90% of an interval: {ttl_ms} ms"
-    );
 
-    stop.send(true).unwrap();
-    for task in loops {
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    let loser = 1 - winner;
-    let env = [&a, &b][loser];
+    // The same tick seen late by the other process: already run.
+    tick(&contexts[loser], at).await;
     assert_eq!(
-        pushed(env, ops[loser]).await,
+        pushed(envs[loser], ops[loser]).await,
         (None, None),
-        "{} ticked in the same interval",
+        "{} ran a tick that had run",
         names[loser]
     );
-    assert_eq!(a.queue.depth(OperationKind::Create).await.unwrap(), 1);
+    // The next tick is anybody's.
+    tick(&contexts[loser], at + 1).await;
+    assert!(pushed(envs[loser], ops[loser]).await.0.is_some());
+    assert_eq!(a.queue.depth(OperationKind::Create).await.unwrap(), 2);
+}
+
+/// The apalis-cron worker ticks by itself: a lost push is repaired with no job running.
+#[tokio::test]
+async fn the_scheduled_reconciler_repairs_a_lost_push() {
+    let world = World::new().await;
+    let ctx = world.ctx(|c| c.reconcile_schedule = "* * * * * *".into());
+    let op = world.create_intent().await.operation.id;
+    age(&world.env, op).await;
+    let (stop, stopped) = watch::channel(false);
+    let worker = tokio::spawn(hangar_worker::run(ctx, stopped));
+    settle_within(&world, op, Duration::from_secs(10)).await;
+    stop_worker(stop, worker).await;
 }
 
 #[tokio::test]
@@ -559,7 +556,7 @@ async fn a_job_whose_claim_failed_is_delivered_again() {
     let held = starved.acquire().await.unwrap();
     let config = WorkerConfig {
         name: Some(format!("w-{}", keys::random_hex(3))),
-        reconcile_interval_ms: 100,
+        reconcile_schedule: "* * * * * *".into(),
         // Entries idle for twice the lease are reclaimed: keep the test short.
         lease_secs: 1.0,
         ..WorkerConfig::default()

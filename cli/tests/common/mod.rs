@@ -86,7 +86,7 @@ impl Cluster {
             .env("HANGAR_ADMIN_KEY", ADMIN_KEY)
             .env("HANGAR_JOIN_TOKEN", JOIN_TOKEN)
             .env("HANGAR_CONTROL_PLANE_URL", &self.api_url)
-            .env("HANGAR_RECONCILE_INTERVAL_MS", "200")
+            .env("HANGAR_RECONCILE_SCHEDULE", "* * * * * *")
             .env("HANGAR_HOST_SILENT_SECS", "5")
             .env("HANGAR_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
