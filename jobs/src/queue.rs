@@ -1,4 +1,5 @@
-//! The job transport: one Redis stream per job kind, read through one consumer group.
+//! The job transport: one Redis stream per job kind, read through one consumer group
+//! (by apalis workers, through [`crate::backend::JobStream`]).
 //!
 //! Why not apalis-redis: its idle workers look for work only at their heartbeat (pickup waits
 //! up to the heartbeat interval) and its fetch script stops promoting jobs past ~8,000 due
