@@ -159,4 +159,15 @@ async fn a_pause_fails_with_a_reason_when_the_agent_never_returns() {
         reason.contains("pause failed") && reason.contains("3 attempts"),
         "{reason}"
     );
+    // Each failure is logged once, where it is handled: one line per retried attempt (2),
+    // one for the failure, none at error level anywhere else for this operation.
+    let log = cluster.log("worker");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&op)).collect();
+    let retries = lines
+        .iter()
+        .filter(|l| l.contains("transient failure; retrying"));
+    assert_eq!(retries.count(), 2, "{lines:#?}");
+    let errors: Vec<_> = lines.iter().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("operation failed"), "{errors:#?}");
 }
