@@ -273,6 +273,12 @@ impl Agent {
         let service = server::service(driver, host_name, &agent_token);
         let mut stop = stop_rx;
         let served = tonic::transport::Server::builder()
+            // One span per call, in the caller's trace when it sent one.
+            .trace_fn(|request| {
+                let span = tracing::info_span!("grpc", rpc.method = %request.uri().path());
+                hangar_proto::trace_context::set_parent_from_headers(&span, request.headers());
+                span
+            })
             .add_service(service)
             .serve_with_incoming_shutdown(
                 // Without TCP_NODELAY, answers to concurrent calls wait on Nagle's algorithm

@@ -181,12 +181,15 @@ pub fn router(state: AppState) -> Router {
             .get(&REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "http",
             method = %req.method(),
             path = %req.uri().path(),
             request_id,
-        )
+        );
+        // A caller that is itself traced makes this request part of its trace.
+        hangar_proto::trace_context::set_parent_from_headers(&span, req.headers());
+        span
     });
     let (routes, _document) = routes().split_for_parts();
     routes

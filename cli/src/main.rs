@@ -31,6 +31,8 @@ struct Cli {
         default_value = "human"
     )]
     log_format: telemetry::LogFormat,
+    #[command(flatten)]
+    tracing: telemetry::TracingArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,24 +116,42 @@ struct AgentArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    // Client commands print results, not logs.
-    if !matches!(cli.command, Command::Client(_)) {
-        telemetry::init(cli.log_format);
-    }
-    match cli.command {
+    let Cli {
+        log_format,
+        tracing,
+        command,
+    } = Cli::parse();
+    let command = match command {
+        // Client commands print results, not logs.
         Command::Client(command) => std::process::exit(client::run(command).await),
+        other => other,
+    };
+    let role = match &command {
+        Command::Client(_) => unreachable!("handled above"),
+        Command::Dev(_) => "dev",
+        Command::Api(_) => "api",
+        Command::Worker(_) => "worker",
+        Command::Agent(_) => "agent",
+        Command::Migrate(_) => "migrate",
+    };
+    let telemetry = telemetry::init(log_format, &tracing, role)?;
+    let result = match command {
+        Command::Client(_) => unreachable!("handled above"),
         Command::Dev(args) => dev::run(args).await,
         Command::Api(args) => run_api(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Agent(args) => run_agent(args).await,
-        Command::Migrate(args) => {
-            let pool = connect_postgres(&args.database_url, 2).await?;
-            store::migrate(&pool).await.context("applying migrations")?;
-            tracing::info!("migrations applied");
-            Ok(())
-        }
-    }
+        Command::Migrate(args) => migrate(args).await,
+    };
+    telemetry.shutdown().await;
+    result
+}
+
+async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
+    let pool = connect_postgres(&args.database_url, 2).await?;
+    store::migrate(&pool).await.context("applying migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
 }
 
 async fn run_api(args: ApiArgs) -> anyhow::Result<()> {

@@ -8,13 +8,14 @@ use std::time::Duration;
 use crate::HostId;
 use crate::store::Host;
 use hangar_proto::host_agent_client::HostAgentClient;
+use hangar_proto::trace_context::Traced;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-pub type AgentClient = HostAgentClient<InterceptedService<Channel, BearerToken>>;
+pub type AgentClient = HostAgentClient<InterceptedService<Traced<Channel>, BearerToken>>;
 
 /// Adds `authorization: Bearer <agent token>` to every call.
 #[derive(Clone)]
@@ -92,7 +93,8 @@ impl AgentPool {
             .tcp_nodelay(true);
         let token = MetadataValue::try_from(format!("Bearer {}", host.agent_token))
             .map_err(|_| AgentError::Permanent("agent token is not valid ASCII".into()))?;
-        let client = HostAgentClient::with_interceptor(endpoint.connect_lazy(), BearerToken(token));
+        let channel = Traced(endpoint.connect_lazy());
+        let client = HostAgentClient::with_interceptor(channel, BearerToken(token));
         let cached = CachedClient {
             address: host.address.clone(),
             token: host.agent_token.clone(),

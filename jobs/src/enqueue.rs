@@ -2,7 +2,7 @@
 //! job to Redis and record the push. A failure here loses nothing: the row stays queued
 //! with no `pushed_at`, and the reconciler pushes it on its next tick.
 
-use tracing::warn;
+use tracing::{Instrument, info_span, warn};
 
 use crate::ids::OperationId;
 use crate::queue::JobQueue;
@@ -18,6 +18,18 @@ pub async fn push_committed(
     if jobs.is_empty() {
         return true;
     }
+    let span = match jobs {
+        [(kind, id)] => info_span!("enqueue", %kind, operation_id = %id),
+        _ => info_span!("enqueue", count = jobs.len()),
+    };
+    push_and_record(pool, queue, jobs).instrument(span).await
+}
+
+async fn push_and_record(
+    pool: &PgPool,
+    queue: &JobQueue,
+    jobs: &[(OperationKind, OperationId)],
+) -> bool {
     let epoch = match queue.push_many(jobs).await {
         Ok(epoch) => epoch,
         Err(error) => {

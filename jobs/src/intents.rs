@@ -11,6 +11,7 @@ use crate::store::capsules::{self, NewCapsule};
 use crate::store::operations::{self, NewOperation};
 use crate::store::records::{self, NewEvent};
 use crate::store::{Capsule, Operation, PgConnection, StoreError, Template};
+use hangar_proto::trace_context;
 
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +348,7 @@ async fn insert_operation(
             generation: capsule.generation,
             max_attempts,
             params,
+            trace_parent: trace_context::current(),
         },
     )
     .await

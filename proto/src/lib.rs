@@ -1,4 +1,5 @@
-//! The gRPC contract between workers and host agents (`proto/hostagent.proto`).
+//! The gRPC contract between workers and host agents (`proto/hostagent.proto`), and the
+//! trace context that travels with it.
 
 /// Generated types and the `HostAgent` client and server.
 pub mod hostagent {
@@ -6,3 +7,5 @@ pub mod hostagent {
 }
 
 pub use hostagent::*;
+
+pub mod trace_context;

@@ -13,15 +13,15 @@ use std::time::Duration;
 use apalis::prelude::Data;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use hangar_jobs::OperationKind;
 use hangar_jobs::backend::{Deliveries, Slotted, StreamSettings};
 use hangar_jobs::queue::Delivery;
 use hangar_jobs::store::{Operation, operations};
-use hangar_jobs::{OperationId, OperationKind};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::WorkerConfig;
 use crate::context::JobContext;
-use crate::jobs::{self, JobError};
+use crate::jobs::{self, JobError, JobResult};
 use crate::metrics::Outcome;
 
 /// The handler of every job worker: settles the task's deliveries and acknowledges them.
@@ -76,36 +76,35 @@ pub async fn run_delivery(ctx: &JobContext, delivery: &Delivery) -> bool {
         warn!(entry = %delivery.entry_id, "dropping a malformed job entry");
         return true;
     };
-    async move {
-        loop {
-            let op = match claim(ctx, op_id).await {
-                Ok(Some(op)) => op,
-                Ok(None) => return true, // terminal, or another worker holds it
-                Err(error) => {
-                    warn!(%error, "claim failed; the job stays pending and will be redelivered");
-                    return false;
-                }
-            };
-            tracing::Span::current().record("attempt", op.attempts);
-            match jobs::execute(ctx, &op).await {
-                Ok(()) => {
-                    ctx.metrics.finished(&op, Outcome::Succeeded);
-                    return true;
-                }
-                Err(error) => {
-                    if !handle_failure(ctx, &op, error).await {
-                        return true;
-                    }
-                }
+    loop {
+        let op = match claim(ctx, op_id).await {
+            Ok(Some(op)) => op,
+            Ok(None) => return true, // terminal, or another worker holds it
+            Err(error) => {
+                warn!(%error, operation_id = %op_id, "claim failed; the job stays pending and will be redelivered");
+                return false;
             }
+        };
+        let outcome = async {
+            let result = jobs::execute(ctx, &op).await;
+            settle(ctx, &op, result).await
+        };
+        match outcome.instrument(jobs::span(&op)).await {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => return true,
         }
     }
-    .instrument(job_span(delivery.kind, op_id))
-    .await
 }
 
-fn job_span(kind: OperationKind, op_id: OperationId) -> tracing::Span {
-    info_span!("job", %kind, operation_id = %op_id, attempt = tracing::field::Empty)
+/// Records an attempt's outcome; returns the delay after which to attempt again, if any.
+async fn settle(ctx: &JobContext, op: &Operation, result: JobResult) -> Option<Duration> {
+    match result {
+        Ok(()) => {
+            ctx.metrics.finished(op, Outcome::Succeeded);
+            None
+        }
+        Err(error) => handle_failure(ctx, op, error).await,
+    }
 }
 
 /// Settles a batch of deliveries of a kind that [`jobs::runs_batched`]: one claim for all,
@@ -157,10 +156,13 @@ async fn run_batch(ctx: &JobContext, slotted: Vec<Slotted>) {
                 settled.push(delivery);
             }
             Err(error) => retries.push(async move {
-                let span = job_span(delivery.kind, op.id);
-                span.record("attempt", op.attempts);
-                let retry = handle_failure(ctx, &op, error).instrument(span).await;
-                if !retry || run_delivery(ctx, &delivery).await {
+                let retry = handle_failure(ctx, &op, error)
+                    .instrument(jobs::span(&op))
+                    .await;
+                if let Some(delay) = retry {
+                    tokio::time::sleep(delay).await;
+                }
+                if retry.is_none() || run_delivery(ctx, &delivery).await {
                     ack(ctx, &[&delivery]).await;
                 }
                 drop(slot);
@@ -191,8 +193,9 @@ async fn claim(
     Ok(op)
 }
 
-/// Applies the retry policy to a failed attempt. Returns true to attempt again.
-async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bool {
+/// Applies the retry policy to a failed attempt. Returns the delay before the next attempt,
+/// or `None` when the operation is settled (or no longer ours).
+async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> Option<Duration> {
     let settled = match &error {
         JobError::Transient(message) if op.attempts < op.max_attempts => {
             let delay = backoff_delay(ctx, op.attempts);
@@ -200,16 +203,14 @@ async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bo
             let hold = (delay + ctx.config.lease()).as_secs_f64();
             let mut conn = match ctx.pool.acquire().await {
                 Ok(c) => c,
-                Err(_) => return false,
+                Err(_) => return None,
             };
             match operations::mark_retrying(&mut conn, op.id, &ctx.worker, message, hold).await {
                 Ok(true) => {
                     ctx.metrics.retried(op);
-                    drop(conn);
-                    tokio::time::sleep(delay).await;
-                    return true;
+                    return Some(delay);
                 }
-                Ok(false) => return false, // lease lost: someone else has it
+                Ok(false) => return None, // lease lost: someone else has it
                 Err(e) => Err(e),
             }
         }
@@ -232,7 +233,7 @@ async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bo
         JobError::Deferred => {
             let mut conn = match ctx.pool.acquire().await {
                 Ok(c) => c,
-                Err(_) => return false,
+                Err(_) => return None,
             };
             operations::requeue(&mut conn, op.id, &ctx.worker)
                 .await
@@ -242,7 +243,7 @@ async fn handle_failure(ctx: &JobContext, op: &Operation, error: JobError) -> bo
     if let Err(error) = settled {
         warn!(%error, "could not settle the operation; its lease will expire and it will run again");
     }
-    false
+    None
 }
 
 /// Exponential backoff with jitter for the `attempt`-th failure.

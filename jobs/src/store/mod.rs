@@ -79,6 +79,9 @@ pub struct Operation {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The creating request's W3C `traceparent`: every attempt continues its trace.
+    #[serde(skip)]
+    pub trace_parent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

@@ -18,19 +18,22 @@ pub struct NewOperation {
     pub generation: i64,
     pub max_attempts: i32,
     pub params: serde_json::Value,
+    /// The creating request's W3C `traceparent`, if it was traced.
+    pub trace_parent: Option<String>,
 }
 
 /// Inserts a `queued` operation.
 pub async fn insert(conn: &mut PgConnection, new: NewOperation) -> StoreResult<Operation> {
     let op = sqlx::query_as!(
         Operation,
-        r#"insert into operations (id, team_id, capsule_id, kind, generation, max_attempts, params)
-           values ($1, $2, $3, $4, $5, $6, $7)
+        r#"insert into operations (id, team_id, capsule_id, kind, generation, max_attempts, params,
+                                   trace_parent)
+           values ($1, $2, $3, $4, $5, $6, $7, $8)
            returning id as "id: OperationId", team_id as "team_id: TeamId",
                      capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
                      status as "status: OperationStatus", generation, attempts, max_attempts,
                      last_error, error_code, step, params, result, created_at, started_at,
-                     finished_at, updated_at"#,
+                     finished_at, updated_at, trace_parent"#,
         new.id.0,
         new.team_id.0,
         new.capsule_id.map(|c| c.0),
@@ -38,6 +41,7 @@ pub async fn insert(conn: &mut PgConnection, new: NewOperation) -> StoreResult<O
         new.generation,
         new.max_attempts,
         new.params,
+        new.trace_parent,
     )
     .fetch_one(conn)
     .await?;
@@ -56,7 +60,7 @@ pub async fn get(
                   capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
                   status as "status: OperationStatus", generation, attempts, max_attempts,
                   last_error, error_code, step, params, result, created_at, started_at,
-                  finished_at, updated_at
+                  finished_at, updated_at, trace_parent
            from operations where id = $1 and ($2::uuid is null or team_id = $2)"#,
         id.0,
         team.map(|t| t.0),
@@ -84,7 +88,7 @@ pub async fn list(conn: &mut PgConnection, f: &OperationFilter) -> StoreResult<V
                   capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
                   status as "status: OperationStatus", generation, attempts, max_attempts,
                   last_error, error_code, step, params, result, created_at, started_at,
-                  finished_at, updated_at
+                  finished_at, updated_at, trace_parent
            from operations
            where ($1::uuid is null or team_id = $1)
              and ($2::uuid is null or capsule_id = $2)
@@ -115,7 +119,7 @@ pub async fn in_flight(
                   capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
                   status as "status: OperationStatus", generation, attempts, max_attempts,
                   last_error, error_code, step, params, result, created_at, started_at,
-                  finished_at, updated_at
+                  finished_at, updated_at, trace_parent
            from operations
            where capsule_id = $1 and status in ('queued', 'running', 'retrying')
              and kind in ('create', 'pause', 'resume', 'snapshot')"#,
@@ -199,7 +203,7 @@ pub async fn claim_many(
                      capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
                      status as "status: OperationStatus", generation, attempts, max_attempts,
                      last_error, error_code, step, params, result, created_at, started_at,
-                     finished_at, updated_at"#,
+                     finished_at, updated_at, trace_parent"#,
         ids,
         worker,
         lease_secs,
@@ -325,7 +329,7 @@ pub async fn cancel_queued(
                      capsule_id as "capsule_id?: CapsuleId", kind as "kind: OperationKind",
                      status as "status: OperationStatus", generation, attempts, max_attempts,
                      last_error, error_code, step, params, result, created_at, started_at,
-                     finished_at, updated_at"#,
+                     finished_at, updated_at, trace_parent"#,
         id.0,
         error_code,
         error,

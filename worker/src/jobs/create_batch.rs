@@ -18,7 +18,7 @@ use hangar_jobs::store::hosts::{self, Placement};
 use hangar_jobs::store::{Capsule, Host, Operation, Template, capsules, operations, tenancy};
 use hangar_jobs::{CapsuleStatus, HostId, OperationId, OperationKind};
 use serde_json::json;
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use super::create::{self, sandbox_request};
 use super::{JobError, JobResult, agent_on};
@@ -52,7 +52,7 @@ pub async fn run(ctx: &JobContext, ops: Vec<Operation>) -> Vec<(Operation, JobRe
     single.extend(leftover);
     // The uncommon cases, one by one and concurrently, through the single path.
     let singles = join_all(single.into_iter().map(|op| async move {
-        let result = create::run(ctx, &op).await;
+        let result = create::run(ctx, &op).instrument(super::span(&op)).await;
         (op, result)
     }));
     outcomes.extend(singles.await);
@@ -171,7 +171,9 @@ async fn create_sandboxes(
                 Err(error) => return Err((r.op, error.clone())),
             };
             let request = sandbox_request(&r.capsule, &r.template);
-            match client.clone().create_sandbox(request).await {
+            let mut client = client.clone();
+            let call = client.create_sandbox(request);
+            match call.instrument(super::span(&r.op)).await {
                 Ok(_) => Ok((r, host.clone())),
                 Err(status) => Err((r.op, AgentError::from(status).into())),
             }

@@ -73,6 +73,22 @@ pub fn runs_batched(kind: OperationKind) -> bool {
     kind == OperationKind::Create
 }
 
+/// The span of one attempt of a claimed operation: every job log line carries the
+/// operation, and with tracing on the attempt is a span in the trace of the request that
+/// created the operation (each retry a new span in that trace).
+pub fn span(op: &Operation) -> tracing::Span {
+    let capsule = op.capsule_id.map(|c| c.to_string()).unwrap_or_default();
+    let span = tracing::info_span!(
+        "job",
+        kind = %op.kind,
+        operation_id = %op.id,
+        capsule_id = %capsule,
+        attempt = op.attempts,
+    );
+    hangar_proto::trace_context::set_parent(&span, op.trace_parent.as_deref());
+    span
+}
+
 /// Runs one attempt of each claimed operation of a batch (all of a kind that
 /// [`runs_batched`]); each outcome is what [`execute`] would return for it.
 pub async fn execute_batch(ctx: &JobContext, ops: Vec<Operation>) -> Vec<(Operation, JobResult)> {
