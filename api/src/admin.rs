@@ -223,7 +223,7 @@ async fn list_hosts(
         (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
     )
 )]
-async fn cordon(
+pub(crate) async fn cordon(
     State(state): State<AppState>,
     Admin(actor): Admin,
     PathId(id): PathId<HostId>,
@@ -257,7 +257,7 @@ async fn cordon(
         (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
     )
 )]
-async fn uncordon(
+pub(crate) async fn uncordon(
     State(state): State<AppState>,
     Admin(actor): Admin,
     PathId(id): PathId<HostId>,
@@ -300,7 +300,7 @@ struct Drained {
         (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
     )
 )]
-async fn drain(
+pub(crate) async fn drain(
     State(state): State<AppState>,
     Admin(actor): Admin,
     PathId(id): PathId<HostId>,

@@ -58,7 +58,7 @@ struct Cancelled {
         (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
     )
 )]
-async fn retry(
+pub(crate) async fn retry(
     State(state): State<AppState>,
     Admin(actor): Admin,
     PathId(id): PathId<OperationId>,
@@ -136,7 +136,7 @@ async fn retry(
         (status = 422, description = "`Idempotency-Key` reused for another request", body = ErrorEnvelope),
     )
 )]
-async fn cancel(
+pub(crate) async fn cancel(
     State(state): State<AppState>,
     Admin(actor): Admin,
     PathId(id): PathId<OperationId>,

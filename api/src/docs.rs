@@ -38,6 +38,7 @@ use crate::error::ErrorEnvelope;
         (name = "admin", description = "Platform operators (admin keys)"),
         (name = "hosts", description = "Called by the host agents"),
         (name = "ops", description = "Health, readiness and this documentation"),
+        (name = "dashboard", description = "The operator dashboard (HTML pages, admin-key login session)"),
     )
 )]
 struct ApiDoc;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use hangar_jobs::store::Event;
 use hangar_jobs::store::records::{self, EventPosition};
 use hangar_jobs::{CapsuleId, TeamId};
@@ -101,6 +101,19 @@ async fn events(
         }
     };
     let team = (!caller.is_admin()).then_some(caller.0.team_id);
+    let stream =
+        feed(&state, team, capsule, start).map(|(position, event)| Ok(message(position, &event)));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The events after `start` (of `team`, or of every team; of `capsule`, or of all), as
+/// they commit; ends at shutdown.
+pub(crate) fn feed(
+    state: &AppState,
+    team: Option<TeamId>,
+    capsule: Option<CapsuleId>,
+    start: EventPosition,
+) -> impl Stream<Item = (EventPosition, Event)> + use<> {
     let feed = Feed {
         state: state.clone(),
         team,
@@ -109,11 +122,10 @@ async fn events(
         ready: VecDeque::new(),
         closing: state.waiters.closing(),
     };
-    let stream = futures::stream::unfold(feed, |mut feed| async move {
-        let (position, event) = feed.next().await?;
-        Some((Ok(message(position, &event)), feed))
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    futures::stream::unfold(feed, |mut feed| async move {
+        let next = feed.next().await?;
+        Some((next, feed))
+    })
 }
 
 /// One client's place in the stream.

@@ -11,6 +11,7 @@ mod admin_operations;
 mod audit;
 mod cache;
 mod capsules;
+mod dashboard;
 mod docs;
 mod domain;
 pub mod error;
@@ -168,6 +169,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .merge(ops::router())
         .merge(metrics::router())
         .merge(docs::router())
+        .merge(dashboard::router())
 }
 
 /// The whole API: every route, the envelope for unknown routes and methods, request ids,

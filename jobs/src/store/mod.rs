@@ -7,6 +7,7 @@
 
 pub mod capsules;
 pub mod completions;
+pub mod dashboard;
 pub mod hosts;
 pub mod operations;
 pub mod records;
