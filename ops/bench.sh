@@ -6,7 +6,7 @@
 # every benchmark in turn — or only the one given — and prints the results as markdown tables
 # on stdout (progress and service messages go to stderr). Each benchmark makes a fresh database
 # on that server, its own Redis prefix, and kills the `hangar` processes it started.
-#   ops/bench.sh                                   pickup, create, throughput, backlog, apalis
+#   ops/bench.sh                                   pickup, create, throughput, backlog, dashboard, apalis
 #   ops/bench.sh backlog --jobs 20000 --workers 1  one benchmark, with its flags
 #   ops/bench.sh pickup --help                     a benchmark's flags
 #   ops/bench.sh vm [--runs 10] [--accel auto]     real microVMs (qemu driver, guest image in
@@ -51,7 +51,7 @@ if [ $# -gt 0 ]; then
     exec "$bench_bin" --hangar-bin "$hangar_bin" "$@"
 fi
 failed=()
-for bench in pickup create throughput backlog apalis; do
+for bench in pickup create throughput backlog dashboard apalis; do
     printf '==== hangar-bench %s\n' "$bench" >&2
     "$bench_bin" --hangar-bin "$hangar_bin" "$bench" || failed+=("$bench")
 done

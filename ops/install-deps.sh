@@ -4,6 +4,8 @@
 #   - redis-server (and redis-cli, which comes with it),
 #   - psql (ops/sqlx-prepare.sh), jq and curl (the README's walkthrough),
 #   - prometheus (cli/tests/metrics.rs scrapes a cluster with the real server),
+#   - chromium, node and npm (cli/tests/dashboard.rs drives the dashboard in headless
+#     Chromium with Playwright; `npm ci --prefix tests/browser` fetches playwright-core),
 #   - a C compiler and libc headers (the `ring` crate behind rustls compiles C),
 #   - for real microVMs (ops/build-guest-image.sh, the qemu driver, guest/tests/vm.rs):
 #     QEMU 10 from bookworm-backports (Debian 12's own 7.2 conflicts with the backported
@@ -45,7 +47,9 @@ else
     missing+=(redis-server)
 fi
 # prometheus: the metrics test scrapes a running cluster with the real server.
-for tool in psql:postgresql-client jq:jq curl:curl prometheus:prometheus; do
+# chromium, node, npm: the dashboard's browser test.
+for tool in psql:postgresql-client jq:jq curl:curl prometheus:prometheus chromium:chromium \
+    node:nodejs npm:npm; do
     if command -v "${tool%%:*}" >/dev/null; then
         say "${tool%%:*}: present"
     else

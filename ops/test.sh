@@ -7,8 +7,9 @@
 # cargo fmt --check, clippy with warnings denied, the build of every binary, and the tests
 # (two test threads unless the extra args say otherwise). Queries are checked at compile time
 # against the committed .sqlx/ cache (SQLX_OFFLINE=true), not against the fresh database.
-# The real-VM tests are required (HANGAR_REQUIRE_VM=1 unless set otherwise), and so is the
-# real-Prometheus test (HANGAR_REQUIRE_PROMETHEUS=1).
+# The real-VM tests are required (HANGAR_REQUIRE_VM=1 unless set otherwise), and so are the
+# real-Prometheus test (HANGAR_REQUIRE_PROMETHEUS=1) and the headless-Chromium dashboard test
+# (HANGAR_REQUIRE_BROWSER=1; its npm packages are installed by `npm ci` first).
 #   ops/test.sh                            everything
 #   ops/test.sh -p hangar-jobs -- store    one crate, tests matching `store`
 set -euo pipefail
@@ -20,6 +21,8 @@ if [ -z "${HANGAR_SERVICES_DIR:-}" ]; then
     section "system packages (ops/install-deps.sh)"
     bash ops/install-deps.sh
     command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+    section "browser test packages (npm ci --prefix tests/browser)"
+    npm ci --prefix tests/browser --no-audit --no-fund
     section "guest image (ops/build-guest-image.sh)"
     bash ops/build-guest-image.sh
     section "services (ops/with-services.sh)"
@@ -32,6 +35,8 @@ export SQLX_OFFLINE=true
 export HANGAR_REQUIRE_VM=${HANGAR_REQUIRE_VM:-1}
 # The metrics test scrapes a cluster with the real Prometheus: a missing `prometheus` fails.
 export HANGAR_REQUIRE_PROMETHEUS=${HANGAR_REQUIRE_PROMETHEUS:-1}
+# The dashboard test drives Debian's headless Chromium: missing Chromium or npm packages fail.
+export HANGAR_REQUIRE_BROWSER=${HANGAR_REQUIRE_BROWSER:-1}
 export HANGAR_IMAGE_DIR=${HANGAR_IMAGE_DIR:-$PWD/.hangar/image}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 [ -d .sqlx ] || echo "warning: no .sqlx/ query cache; the build of query! macros will fail (cargo sqlx prepare --workspace)" >&2

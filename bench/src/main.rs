@@ -10,6 +10,7 @@ mod backlog;
 mod cluster;
 mod cpu;
 mod create;
+mod dashboard;
 mod pickup;
 mod stages;
 mod stats;
@@ -43,6 +44,8 @@ enum Bench {
     Throughput(throughput::ThroughputArgs),
     /// Drain rate of a queued backlog (target ≥ 5,000 operations/s).
     Backlog(backlog::BacklogArgs),
+    /// Page times of the operator dashboard over 10,000 capsules and 100,000 operations.
+    Dashboard(dashboard::DashboardArgs),
     /// Baseline: pickup and backlog drain of apalis-redis 1.0 with a no-op handler.
     Apalis(apalis::ApalisArgs),
     /// Real microVMs (qemu driver): restore → ready, exec, snapshot, cold boot, RSS (targets:
@@ -59,11 +62,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Create(args) => create::run(common, &args).await,
         Bench::Throughput(args) => throughput::run(common, &args).await,
         Bench::Backlog(args) => backlog::run(common, &args).await,
+        Bench::Dashboard(args) => dashboard::run(common, &args).await,
         Bench::Apalis(args) => apalis::run(common, &args).await,
         Bench::Vm(args) => vm::run(&args).await,
         Bench::All => {
             let parse = |args: &[&str]| Cli::parse_from(args).command;
-            for name in ["pickup", "create", "throughput", "backlog", "apalis"] {
+            for name in [
+                "pickup",
+                "create",
+                "throughput",
+                "backlog",
+                "dashboard",
+                "apalis",
+            ] {
                 let command = parse(&["hangar-bench", name]);
                 Box::pin(run(Cli {
                     common: common.clone(),
