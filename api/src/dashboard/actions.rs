@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use hangar_jobs::{HostId, OperationId};
 use serde::Deserialize;
 
-use super::Operator;
 use super::page::encode;
+use super::{CsrfRefused, Operator};
 use crate::error::ApiError;
 use crate::extract::{Admin, Empty, IdempotencyKey, JsonBody, PathId};
 use crate::idempotency::Reply;
@@ -23,7 +23,7 @@ pub(super) struct ActionForm {
     back: Option<String>,
 }
 
-type Outcome = Result<Response, Response>;
+type Outcome = Result<Response, CsrfRefused>;
 
 /// Back to the page the form came from (only a dashboard page), with the outcome.
 fn done(form: &ActionForm, result: Result<Reply, ApiError>, success: &str) -> Response {

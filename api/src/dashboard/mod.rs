@@ -82,17 +82,26 @@ impl FromRequestParts<AppState> for Operator {
 
 impl Operator {
     /// Whether a submitted form carries this session's CSRF token.
-    fn check_csrf(&self, submitted: &str) -> Result<(), Response> {
+    fn check_csrf(&self, submitted: &str) -> Result<(), CsrfRefused> {
         if bool::from(self.csrf.as_bytes().ct_eq(submitted.as_bytes())) {
             Ok(())
         } else {
-            let page = page::message(
-                "Request refused",
-                "The form was not sent from this session (CSRF token missing or wrong). \
-                 Reload the page and try again.",
-            );
-            Err((StatusCode::FORBIDDEN, page).into_response())
+            Err(CsrfRefused)
         }
+    }
+}
+
+/// A form not sent from the session's own pages: refused, nothing done.
+pub(crate) struct CsrfRefused;
+
+impl IntoResponse for CsrfRefused {
+    fn into_response(self) -> Response {
+        let page = page::message(
+            "Request refused",
+            "The form was not sent from this session (CSRF token missing or wrong). \
+             Reload the page and try again.",
+        );
+        (StatusCode::FORBIDDEN, page).into_response()
     }
 }
 
@@ -211,7 +220,9 @@ async fn logout(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, Response> {
-    operator.check_csrf(&form.csrf)?;
+    operator
+        .check_csrf(&form.csrf)
+        .map_err(IntoResponse::into_response)?;
     if let Some(token) = session_token(&headers) {
         let ended = async {
             let mut conn = state.pool.acquire().await?;
