@@ -7,6 +7,7 @@ mod common;
 mod admin;
 mod bad_input;
 mod capsules;
+mod dashboard;
 mod events;
 mod hosts;
 mod idempotency;
