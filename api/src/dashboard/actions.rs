@@ -3,6 +3,8 @@
 //! same conditional path and writes the same audit row. The outcome comes back as a notice
 //! on the page the action was sent from.
 
+use std::future::Future;
+
 use axum::Form;
 use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -40,17 +42,26 @@ fn done(form: &ActionForm, result: Result<Reply, ApiError>, success: &str) -> Re
     Redirect::to(&format!("{back}{sep}notice={}", encode(&notice))).into_response()
 }
 
-/// The arguments the admin handlers take, for a request with no body and no idempotency key.
-fn admin_args(operator: &Operator) -> (Admin, IdempotencyKey, JsonBody<Empty>) {
+/// Checks the CSRF token, then runs the admin handler `call` as the session's admin, with no
+/// body and no idempotency key; back to the page with `success(reply)` or the refusal.
+async fn act<Fut>(
+    operator: &Operator,
+    form: ActionForm,
+    call: impl FnOnce(Admin, IdempotencyKey, JsonBody<Empty>) -> Fut,
+    success: impl FnOnce(&Reply) -> String,
+) -> Outcome
+where
+    Fut: Future<Output = Result<Reply, ApiError>>,
+{
+    operator.check_csrf(&form.csrf)?;
     let body = JsonBody {
         value: Empty {},
         hash: Vec::new(),
     };
-    (
-        Admin(operator.principal.clone()),
-        IdempotencyKey(None),
-        body,
-    )
+    let admin = Admin(operator.principal.clone());
+    let result = call(admin, IdempotencyKey(None), body).await;
+    let message = result.as_ref().map(success).unwrap_or_default();
+    Ok(done(&form, result, &message))
 }
 
 /// Retries a failed operation (as a new operation).
@@ -64,17 +75,12 @@ pub(super) async fn retry(
     PathId(id): PathId<OperationId>,
     Form(form): Form<ActionForm>,
 ) -> Outcome {
-    operator.check_csrf(&form.csrf)?;
-    let (admin, key, body) = admin_args(&operator);
-    let result = admin_operations::retry(State(state), admin, PathId(id), key, body).await;
-    let message = match &result {
-        Ok(reply) => format!(
-            "Retry accepted as operation {}.",
-            reply.body["operation"]["id"].as_str().unwrap_or("?")
-        ),
-        Err(_) => String::new(),
-    };
-    Ok(done(&form, result, &message))
+    let call = |a, k, b| admin_operations::retry(State(state), a, PathId(id), k, b);
+    act(&operator, form, call, |reply| {
+        let id = reply.body["operation"]["id"].as_str().unwrap_or("?");
+        format!("Retry accepted as operation {id}.")
+    })
+    .await
 }
 
 /// Cancels a queued operation.
@@ -88,10 +94,11 @@ pub(super) async fn cancel(
     PathId(id): PathId<OperationId>,
     Form(form): Form<ActionForm>,
 ) -> Outcome {
-    operator.check_csrf(&form.csrf)?;
-    let (admin, key, body) = admin_args(&operator);
-    let result = admin_operations::cancel(State(state), admin, PathId(id), key, body).await;
-    Ok(done(&form, result, &format!("Operation {id} cancelled.")))
+    let call = |a, k, b| admin_operations::cancel(State(state), a, PathId(id), k, b);
+    act(&operator, form, call, |_| {
+        format!("Operation {id} cancelled.")
+    })
+    .await
 }
 
 /// Stops placing new capsules on a host.
@@ -105,14 +112,11 @@ pub(super) async fn cordon(
     PathId(id): PathId<HostId>,
     Form(form): Form<ActionForm>,
 ) -> Outcome {
-    operator.check_csrf(&form.csrf)?;
-    let (admin, key, body) = admin_args(&operator);
-    let result = admin::cordon(State(state), admin, PathId(id), key, body).await;
-    Ok(done(
-        &form,
-        result,
-        "Host cordoned: no new capsules are placed on it.",
-    ))
+    let call = |a, k, b| admin::cordon(State(state), a, PathId(id), k, b);
+    act(&operator, form, call, |_| {
+        "Host cordoned: no new capsules are placed on it.".into()
+    })
+    .await
 }
 
 /// Places new capsules on a host again (and ends a drain).
@@ -126,10 +130,8 @@ pub(super) async fn uncordon(
     PathId(id): PathId<HostId>,
     Form(form): Form<ActionForm>,
 ) -> Outcome {
-    operator.check_csrf(&form.csrf)?;
-    let (admin, key, body) = admin_args(&operator);
-    let result = admin::uncordon(State(state), admin, PathId(id), key, body).await;
-    Ok(done(&form, result, "Host uncordoned."))
+    let call = |a, k, b| admin::uncordon(State(state), a, PathId(id), k, b);
+    act(&operator, form, call, |_| "Host uncordoned.".into()).await
 }
 
 /// Drains a host: cordoned and marked draining; nothing on it is destroyed.
@@ -143,12 +145,9 @@ pub(super) async fn drain(
     PathId(id): PathId<HostId>,
     Form(form): Form<ActionForm>,
 ) -> Outcome {
-    operator.check_csrf(&form.csrf)?;
-    let (admin, key, body) = admin_args(&operator);
-    let result = admin::drain(State(state), admin, PathId(id), key, body).await;
-    Ok(done(
-        &form,
-        result,
-        "Host draining: cordoned; what runs on it stays until you act.",
-    ))
+    let call = |a, k, b| admin::drain(State(state), a, PathId(id), k, b);
+    act(&operator, form, call, |_| {
+        "Host draining: cordoned; what runs on it stays until you act.".into()
+    })
+    .await
 }
