@@ -54,6 +54,7 @@ pub fn init(format: LogFormat, tracing: &TracingArgs, role: &str) -> anyhow::Res
         .transpose()?;
     let otel = provider.as_ref().map(|p| {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        hangar_proto::trace_context::enable();
         tracing_opentelemetry::layer().with_tracer(p.tracer("hangar"))
     });
     let registry = tracing_subscriber::registry().with(filter).with(otel);

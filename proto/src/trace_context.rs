@@ -2,10 +2,11 @@
 //! the request's `traceparent` on the operation row, every job attempt takes it as parent,
 //! and gRPC calls carry it to the host agent in their metadata ([`Traced`]).
 //!
-//! Everything here goes through the global propagator, which is a no-op until tracing is
-//! turned on (the binary installs the W3C one with its OTLP exporter): then `current()` is
-//! `None` and nothing is injected, at next to no cost.
+//! Everything here is skipped until the binary turns tracing on ([`enable`], with its OTLP
+//! exporter and the W3C propagator): until then `current()` is `None`, nothing is injected
+//! or extracted, and the hot paths pay one relaxed atomic load.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
 
 use opentelemetry::Context;
@@ -17,8 +18,22 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 const TRACEPARENT: &str = "traceparent";
 
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns propagation on (once the process exports traces).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// The current span's `traceparent`, or `None` when tracing is off.
 pub fn current() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
     let mut carrier = Carrier::default();
     let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
@@ -28,7 +43,9 @@ pub fn current() -> Option<String> {
 /// Makes `span` a child of the trace `traceparent` names. Call it before the span is first
 /// entered; a missing or malformed value leaves the span where it is.
 pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(value) = traceparent else { return };
+    let Some(value) = traceparent.filter(|_| enabled()) else {
+        return;
+    };
     let carrier = Carrier {
         traceparent: Some(value.to_owned()),
     };
@@ -38,6 +55,9 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
 
 /// Makes `span` a child of the trace context in HTTP (or gRPC) request headers, if any.
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !enabled() {
+        return;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
     set_parent_context(span, parent);
 }
@@ -69,10 +89,12 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let span = tracing::info_span!("grpc.client", rpc.method = %request.uri().path());
-        let context = span.context();
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&context, &mut HeadersMut(request.headers_mut()))
-        });
+        if enabled() {
+            let context = span.context();
+            opentelemetry::global::get_text_map_propagator(|p| {
+                p.inject_context(&context, &mut HeadersMut(request.headers_mut()))
+            });
+        }
         self.0.call(request).instrument(span)
     }
 }
