@@ -59,6 +59,23 @@ async fn an_operator_watches_a_capsule_start_and_retries_a_failed_create_in_the_
         cluster.log("api")
     );
 
+    // Neither the admin key nor the session's token is in any process's log.
+    let outcome: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("the outcome line");
+    let session = outcome["session"].as_str().expect("the session token");
+    assert!(session.len() >= 32, "{outcome}");
+    for process in ["api", "worker", "host-1"] {
+        let log = cluster.log(process);
+        assert!(
+            !log.contains(ADMIN_KEY),
+            "the admin key is in the {process} log"
+        );
+        assert!(
+            !log.contains(session),
+            "the session token is in the {process} log"
+        );
+    }
+
     // Every dashboard action is in the audit log, by the admin key behind the session.
     let mut conn = cluster.env.pool.acquire().await.unwrap();
     let actions: Vec<String> = sqlx::query_scalar(

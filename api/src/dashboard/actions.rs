@@ -33,6 +33,8 @@ fn done(form: &ActionForm, result: Result<Reply, ApiError>, success: &str) -> Re
         .back
         .as_deref()
         .filter(|b| b.starts_with("/dashboard") && !b.contains("//") && !b.contains('\\'))
+        // Printable ASCII only: anything else could not be a `Location` header.
+        .filter(|b| b.bytes().all(|c| c.is_ascii_graphic()))
         .unwrap_or("/dashboard");
     let notice = match result {
         Ok(_) => success.to_owned(),

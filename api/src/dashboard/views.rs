@@ -8,10 +8,11 @@ use std::convert::Infallible;
 use axum::extract::{Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use hangar_jobs::store::capsules::{self, CapsuleFilter};
 use hangar_jobs::store::operations::{self, OperationFilter};
-use hangar_jobs::store::{Host, Operation, dashboard, hosts, records};
+use hangar_jobs::store::{Event, Host, Operation, dashboard, hosts, records};
 use hangar_jobs::{CapsuleId, CapsuleStatus, HostId, OperationId, OperationKind, OperationStatus};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -84,7 +85,7 @@ pub(super) async fn capsules(
                     option value=(s) selected[filter.status == Some(*s)] { (s) }
                 }
             } }
-            label { "Team" input name="team" placeholder="tm_…" value=[q.team.as_deref()]; }
+            label { "Team" input name="team" placeholder="team_…" value=[q.team.as_deref()]; }
             label { "Host" select name="host" {
                 option value="" { "any" }
                 @for h in &hosts { option value=(h.id) selected[filter.host == Some(h.id)] { (h.name) } }
@@ -227,7 +228,7 @@ pub(super) async fn operations(
                 @for k in OperationKind::ALL { option value=(k) selected[filter.kind == Some(*k)] { (k) } }
             } }
             label { "Capsule" input name="capsule" placeholder="cap_…" value=[q.capsule.as_deref()]; }
-            label { "Team" input name="team" placeholder="tm_…" value=[q.team.as_deref()]; }
+            label { "Team" input name="team" placeholder="team_…" value=[q.team.as_deref()]; }
             button type="submit" { "Filter" }
         }
         (operations_table(&operator, &list, &current("/dashboard/operations", &q)))
@@ -274,14 +275,7 @@ pub(super) async fn operation(
         h2 { "Timeline" }
         table #timeline {
             thead { tr { th { "When" } th { "What" } } }
-            tbody {
-                tr { td { (when(op.created_at)) } td { "accepted (queued)" } }
-                @if let Some(at) = op.started_at { tr { td { (when(at)) } td { "first attempt started" } } }
-                @for e in &events { tr { td { (when(e.created_at)) }
-                    td { (e.kind) ": " (e.from_status.as_deref().unwrap_or("")) " → "
-                         (e.to_status.as_deref().unwrap_or("")) " " span.muted { (e.message.as_deref().unwrap_or("")) } } } }
-                @if let Some(at) = op.finished_at { tr { td { (when(at)) } td { "finished: " (op.status) } } }
-            }
+            tbody { @for (at, what) in timeline(&op, &events) { tr { td { (when(at)) } td { (what) } } } }
         }
     };
     Ok(page::frame(
@@ -292,6 +286,30 @@ pub(super) async fn operation(
         content,
     )
     .into_response())
+}
+
+/// An operation's life in time order: accepted, its events, first attempt, finished.
+fn timeline(op: &Operation, events: &[Event]) -> Vec<(DateTime<Utc>, Markup)> {
+    let mut rows = vec![(op.created_at, html! { "accepted (queued)" })];
+    rows.extend(
+        op.started_at
+            .map(|at| (at, html! { "first attempt started" })),
+    );
+    rows.extend(events.iter().map(|e| {
+        let what = html! {
+            (e.kind) ": " (e.from_status.as_deref().unwrap_or("")) " → "
+            (e.to_status.as_deref().unwrap_or("")) " "
+            span.muted { (e.message.as_deref().unwrap_or("")) }
+        };
+        (e.created_at, what)
+    }));
+    rows.extend(
+        op.finished_at
+            .map(|at| (at, html! { "finished: " (op.status) })),
+    );
+    // Stable: rows written in the same instant keep the order above.
+    rows.sort_by_key(|(at, _)| *at);
+    rows
 }
 
 /// Queues: per job kind, the jobs in each stage, throughput and failure rate.

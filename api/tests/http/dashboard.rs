@@ -206,4 +206,11 @@ async fn an_action_without_the_sessions_csrf_token_changes_nothing() {
             .unwrap()
             .starts_with("/dashboard?notice=")
     );
+    // Nor one that could not be a header (a control character).
+    let form = format!("csrf={csrf}&back=%2Fdashboard%0D%0ASet-Cookie%3A%20x");
+    let path = format!("/dashboard/hosts/{host}/cordon");
+    let page = send(&app, Method::POST, &path, Some(&cookie), &form).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    let location = page.headers[header::LOCATION].to_str().unwrap();
+    assert!(location.starts_with("/dashboard?notice="), "{location}");
 }
