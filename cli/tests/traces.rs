@@ -1,6 +1,7 @@
 //! One trace per operation across processes: a real api, worker and agent export their spans
 //! over OTLP to a receiver this test runs, and the spans of one create (and of one pause
-//! that is retried while its agent is down) must form one trace with correct parent links.
+//! that is retried while its agent is down) must form one trace with correct parent links;
+//! the creates of one batch are each their own trace, with one span per attempt.
 
 mod common;
 
@@ -247,4 +248,85 @@ async fn a_create_and_a_retried_pause_are_each_one_trace_across_api_worker_and_a
         last.attributes["attempt"],
         numbers.last().unwrap().to_string()
     );
+}
+
+/// The attempt number of `span` if it is a `job` span of operation `op`.
+fn attempt_of(span: &Received, op: &str) -> Option<u32> {
+    if span.name != "job" || span.attributes.get("operation_id").map(String::as_str) != Some(op) {
+        return None;
+    }
+    span.attributes.get("attempt")?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_create_of_a_batch_is_its_own_trace_with_one_span_per_attempt() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let otlp = ("HANGAR_OTLP_ENDPOINT", endpoint.as_str());
+    let mut cluster =
+        Cluster::start_with(&[otlp, FAST_EXPORT, ("HANGAR_MAX_ATTEMPTS", "1000")]).await;
+    // Every sandbox call fails, transiently, until this agent is replaced.
+    let failing = [otlp, FAST_EXPORT, ("HANGAR_SIM_ERROR_RATE", "1")];
+    cluster.spawn_agent("host-1", &failing).await;
+    // Queued before any worker runs, so the worker claims them as one batch.
+    let mut creates = Vec::new();
+    for _ in 0..3 {
+        creates.push(cluster.create_capsule("base").await.0);
+    }
+    cluster.spawn_worker(
+        "worker",
+        &[otlp, FAST_EXPORT, ("HANGAR_RETRY_CAP_MS", "300")],
+    );
+    for op in &creates {
+        receiver
+            .wait_for("a second attempt", |s| attempt_of(s, op) == Some(2))
+            .await;
+    }
+    cluster.kill("host-1");
+    cluster.spawn_agent("host-1", &[otlp, FAST_EXPORT]).await;
+
+    let mut traces = Vec::new();
+    for op in &creates {
+        assert_eq!(cluster.wait_operation(op).await["status"], "succeeded");
+        let attempts = {
+            let mut conn = cluster.env.pool.acquire().await.unwrap();
+            let id = op.parse().unwrap();
+            let row = hangar_jobs::store::operations::get(&mut conn, None, id);
+            row.await.unwrap().unwrap().attempts as u32
+        };
+        // Attempts end in order, so once the last is exported every earlier one is too.
+        receiver
+            .wait_for("the last attempt", |s| attempt_of(s, op) == Some(attempts))
+            .await;
+        let all = receiver.spans();
+        let enqueue = all
+            .iter()
+            .find(|s| s.name == "enqueue" && s.attributes.get("operation_id") == Some(op))
+            .expect("the enqueue span");
+        let request = all
+            .iter()
+            .find(|s| is_request(s, "POST", "/v1/capsules") && descends_from(&all, enqueue, s))
+            .expect("the create request above the enqueue");
+        let mut numbers = Vec::new();
+        for job in all.iter().filter(|s| attempt_of(s, op).is_some()) {
+            assert!(descends_from(&all, job, request), "{job:#?}");
+            numbers.push(attempt_of(job, op).unwrap());
+        }
+        // The first attempt ran in the batch: its agent call is under that attempt's span.
+        let first = all.iter().find(|s| attempt_of(s, op) == Some(1)).unwrap();
+        let call = all
+            .iter()
+            .find(|s| s.name == "grpc.client" && s.parent_span_id == first.span_id);
+        assert!(call.is_some(), "no gRPC call under {first:#?}");
+        numbers.sort_unstable();
+        assert_eq!(
+            numbers,
+            (1..=attempts).collect::<Vec<_>>(),
+            "one span per attempt"
+        );
+        traces.push(request.trace_id.clone());
+    }
+    traces.sort();
+    traces.dedup();
+    assert_eq!(traces.len(), creates.len(), "each create its own trace");
 }

@@ -141,24 +141,26 @@ async fn run_batch(ctx: &JobContext, slotted: Vec<Slotted>) {
             return;
         }
     };
+    let mut spans = jobs::Spans::with_capacity(ops.len());
     for op in &ops {
         ctx.metrics.claimed(op);
+        spans.insert(op.id, jobs::span(op));
     }
-    let outcomes = jobs::execute_batch(ctx, ops).await;
+    let outcomes = jobs::execute_batch(ctx, ops, &spans).await;
     let mut retries = Vec::new();
     for (op, outcome) in outcomes {
         let Some((delivery, slot)) = by_op.remove(&op.id) else {
             continue;
         };
+        // The attempt's span ends once it is settled (here on success, below on failure).
+        let span = spans.remove(&op.id).unwrap_or_else(tracing::Span::none);
         match outcome {
             Ok(()) => {
                 ctx.metrics.finished(&op, Outcome::Succeeded);
                 settled.push(delivery);
             }
             Err(error) => retries.push(async move {
-                let retry = handle_failure(ctx, &op, error)
-                    .instrument(jobs::span(&op))
-                    .await;
+                let retry = handle_failure(ctx, &op, error).instrument(span).await;
                 if let Some(delay) = retry {
                     tokio::time::sleep(delay).await;
                 }

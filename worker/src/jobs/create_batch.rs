@@ -21,7 +21,7 @@ use serde_json::json;
 use tracing::{Instrument, warn};
 
 use super::create::{self, sandbox_request};
-use super::{JobError, JobResult, agent_on};
+use super::{JobError, JobResult, Spans, agent_on};
 use crate::context::JobContext;
 
 /// A create ready for its agent call.
@@ -32,8 +32,13 @@ struct Ready {
 }
 
 /// Runs one attempt of each claimed create; returns each operation's outcome, as
-/// `jobs::execute` would for it alone.
-pub async fn run(ctx: &JobContext, ops: Vec<Operation>) -> Vec<(Operation, JobResult)> {
+/// `jobs::execute` would for it alone. The statements shared by the batch belong to no
+/// operation; the agent call and the single path run in the operation's attempt span.
+pub async fn run(
+    ctx: &JobContext,
+    ops: Vec<Operation>,
+    spans: &Spans,
+) -> Vec<(Operation, JobResult)> {
     let (ready, mut single) = match read(ctx, ops).await {
         Ok(split) => split,
         Err((ops, error)) => {
@@ -46,17 +51,25 @@ pub async fn run(ctx: &JobContext, ops: Vec<Operation>) -> Vec<(Operation, JobRe
     };
     let (placed, unplaced) = place(ctx, ready).await;
     single.extend(unplaced);
-    let (created, mut outcomes) = create_sandboxes(ctx, placed).await;
+    let (created, mut outcomes) = create_sandboxes(ctx, placed, spans).await;
     let (completed, leftover) = complete(ctx, created).await;
     outcomes.extend(completed);
     single.extend(leftover);
     // The uncommon cases, one by one and concurrently, through the single path.
     let singles = join_all(single.into_iter().map(|op| async move {
-        let result = create::run(ctx, &op).instrument(super::span(&op)).await;
+        let result = create::run(ctx, &op).instrument(span_of(spans, &op)).await;
         (op, result)
     }));
     outcomes.extend(singles.await);
     outcomes
+}
+
+/// The attempt span of `op` (none for an operation the runner did not open one for).
+fn span_of(spans: &Spans, op: &Operation) -> tracing::Span {
+    spans
+        .get(&op.id)
+        .cloned()
+        .unwrap_or_else(tracing::Span::none)
 }
 
 /// Reads the capsules and templates of the batch; splits off the operations whose capsule
@@ -155,6 +168,7 @@ async fn place(ctx: &JobContext, mut ready: Vec<Ready>) -> (Vec<Ready>, Vec<Oper
 async fn create_sandboxes(
     ctx: &JobContext,
     placed: Vec<Ready>,
+    spans: &Spans,
 ) -> (Vec<(Ready, Host)>, Vec<(Operation, JobResult)>) {
     let mut agents: HashMap<HostId, Result<(Host, AgentClient), JobError>> = HashMap::new();
     for r in &placed {
@@ -173,7 +187,7 @@ async fn create_sandboxes(
             let request = sandbox_request(&r.capsule, &r.template);
             let mut client = client.clone();
             let call = client.create_sandbox(request);
-            match call.instrument(super::span(&r.op)).await {
+            match call.instrument(span_of(spans, &r.op)).await {
                 Ok(_) => Ok((r, host.clone())),
                 Err(status) => Err((r.op, AgentError::from(status).into())),
             }

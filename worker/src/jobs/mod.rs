@@ -11,12 +11,14 @@ mod host_event;
 mod lifecycle;
 mod snapshot;
 
+use std::collections::HashMap;
+
 use hangar_jobs::agents::{AgentClient, AgentError};
 use hangar_jobs::enqueue;
 use hangar_jobs::store::operations::{self, Outcome};
 use hangar_jobs::store::records::{self, NewEvent};
 use hangar_jobs::store::{self, Capsule, Host, Operation, StoreError, capsules};
-use hangar_jobs::{CapsuleStatus, HostId, OperationKind, OperationStatus};
+use hangar_jobs::{CapsuleStatus, HostId, OperationId, OperationKind, OperationStatus};
 use serde_json::Value;
 use tracing::warn;
 
@@ -89,10 +91,18 @@ pub fn span(op: &Operation) -> tracing::Span {
     span
 }
 
+/// The attempt span ([`span`]) of each operation of a batch, by operation id.
+pub type Spans = HashMap<OperationId, tracing::Span>;
+
 /// Runs one attempt of each claimed operation of a batch (all of a kind that
-/// [`runs_batched`]); each outcome is what [`execute`] would return for it.
-pub async fn execute_batch(ctx: &JobContext, ops: Vec<Operation>) -> Vec<(Operation, JobResult)> {
-    create_batch::run(ctx, ops).await
+/// [`runs_batched`]); each outcome is what [`execute`] would return for it. The work done
+/// for one operation alone runs in its span from `spans`, so an attempt is one span.
+pub async fn execute_batch(
+    ctx: &JobContext,
+    ops: Vec<Operation>,
+    spans: &Spans,
+) -> Vec<(Operation, JobResult)> {
+    create_batch::run(ctx, ops, spans).await
 }
 
 /// Runs one attempt of a claimed operation.
