@@ -27,7 +27,27 @@ const PAGE: i64 = 50;
 /// The window of the queues' throughput and failure rate.
 const WINDOW_SECS: f64 = 300.0;
 
-type PageResult = Result<Response, ApiError>;
+type PageResult = Result<Response, PageError>;
+
+/// A page's refusal (a bad filter, an unknown id) as a page a person reads: the API's
+/// status, stable code and message, in HTML rather than the JSON envelope.
+pub(super) struct PageError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(error: E) -> Self {
+        PageError(error.into())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let title = format!("Refused: {}", self.0.code());
+        let text = self.0.to_string();
+        // The API's own response logs an internal error's cause, once.
+        let status = self.0.into_response().status();
+        (status, page::message(&title, &text)).into_response()
+    }
+}
 
 /// Filters and cursor of the list pages; invalid values are reported, not ignored.
 #[derive(Deserialize, Default)]
@@ -84,7 +104,7 @@ pub(super) async fn capsules(
                     option value=(s) selected[filter.status == Some(*s)] { (s) }
                 }
             } }
-            label { "Team" input name="team" placeholder="tm_…" value=[q.team.as_deref()]; }
+            label { "Team" input name="team" placeholder="team_…" value=[q.team.as_deref()]; }
             label { "Host" select name="host" {
                 option value="" { "any" }
                 @for h in &hosts { option value=(h.id) selected[filter.host == Some(h.id)] { (h.name) } }
@@ -227,7 +247,7 @@ pub(super) async fn operations(
                 @for k in OperationKind::ALL { option value=(k) selected[filter.kind == Some(*k)] { (k) } }
             } }
             label { "Capsule" input name="capsule" placeholder="cap_…" value=[q.capsule.as_deref()]; }
-            label { "Team" input name="team" placeholder="tm_…" value=[q.team.as_deref()]; }
+            label { "Team" input name="team" placeholder="team_…" value=[q.team.as_deref()]; }
             button type="submit" { "Filter" }
         }
         (operations_table(&operator, &list, &current("/dashboard/operations", &q)))
@@ -313,10 +333,12 @@ pub(super) async fn queues(
     let content = html! {
         h1 { "Queues" }
         p.muted { "Stages now; throughput and failure rate over the last " (minutes) " minutes. \
-                   Dead jobs are failed operations: retry them from Operations." }
+                   Retrying: running a second or later attempt. Scheduled: backing off before \
+                   the next attempt, or committed and not yet pushed to Redis. \
+                   Dead: failed for good; retry them from Operations." }
         table #queues {
             thead { tr { th { "Kind" } th.num { "Queued" } th.num { "In flight" } th.num { "Retrying" }
-                th.num { "Scheduled (backing off)" } th.num { "Dead" } th.num { "Stream entries" }
+                th.num { "Scheduled" } th.num { "Dead" } th.num { "Stream entries" }
                 th.num { "Done / min" } th.num { "Failure rate" } } }
             tbody { @for f in &figures {
                 @let kind = f.kind.expect("one row per kind");
@@ -477,7 +499,7 @@ fn with_before(path: &str, q: &ListQuery, before: impl std::fmt::Display) -> Str
 pub(super) async fn live(
     State(state): State<AppState>,
     _operator: Operator,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, PageError> {
     let mut conn = state.pool.acquire().await?;
     let start = records::events_head(&mut conn).await?;
     drop(conn);
