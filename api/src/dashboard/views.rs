@@ -289,9 +289,10 @@ pub(super) async fn operation(
             dt { "Team" } dd.id { (op.team_id) }
             dt { "Attempts" } dd { (op.attempts) " of " (op.max_attempts) }
             dt { "Step" } dd { (op.step.as_deref().unwrap_or("—")) }
-            dt { "Error" } dd.error {
-                @if op.error_code.is_none() && op.last_error.is_none() { "—" }
-                (op.error_code.as_deref().unwrap_or("")) " " (op.last_error.as_deref().unwrap_or("")) }
+            dt { "Error" }
+            @if op.error_code.is_none() && op.last_error.is_none() { dd { "—" } } @else {
+                dd.error { (op.error_code.as_deref().unwrap_or("")) " " (op.last_error.as_deref().unwrap_or("")) }
+            }
         }
         h2 { "Timeline" }
         table #timeline {
