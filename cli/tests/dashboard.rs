@@ -7,7 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::Duration;
+
+use tokio::process::Command;
 
 use common::{ADMIN_KEY, Cluster};
 
@@ -46,10 +48,13 @@ async fn an_operator_watches_a_capsule_start_and_retries_a_failed_create_in_the_
     let mut node = Command::new("node");
     node.arg(&script)
         .env("HANGAR_URL", &cluster.api_url)
-        .env("HANGAR_ADMIN_KEY", ADMIN_KEY);
-    let output = tokio::task::spawn_blocking(move || node.output())
+        .env("HANGAR_ADMIN_KEY", ADMIN_KEY)
+        .kill_on_drop(true);
+    // Every step waits with its own deadline; this one bounds a browser that hangs outright
+    // (node is killed, and Chromium exits when its pipe to node closes).
+    let output = tokio::time::timeout(Duration::from_secs(300), node.output())
         .await
-        .unwrap()
+        .expect("the browser scenario ended within 5 minutes")
         .expect("run node");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -6,7 +6,7 @@
   var pending = null;
   function refresh() {
     pending = null;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Hangar-Live": "1" } })
+    fetch(window.location.href, { credentials: "same-origin" })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (text) {
         var next = new DOMParser().parseFromString(text, "text/html").querySelector("main");

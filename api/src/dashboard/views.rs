@@ -28,7 +28,27 @@ const PAGE: i64 = 50;
 /// The window of the queues' throughput and failure rate.
 const WINDOW_SECS: f64 = 300.0;
 
-type PageResult = Result<Response, ApiError>;
+type PageResult = Result<Response, PageError>;
+
+/// A page's refusal (a bad filter, an unknown id) as a page a person reads: the API's
+/// status, stable code and message, in HTML rather than the JSON envelope.
+pub(super) struct PageError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(error: E) -> Self {
+        PageError(error.into())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let title = format!("Refused: {}", self.0.code());
+        let text = self.0.to_string();
+        // The API's own response logs an internal error's cause, once.
+        let status = self.0.into_response().status();
+        (status, page::message(&title, &text)).into_response()
+    }
+}
 
 /// Filters and cursor of the list pages; invalid values are reported, not ignored.
 #[derive(Deserialize, Default)]
@@ -270,7 +290,10 @@ pub(super) async fn operation(
             dt { "Team" } dd.id { (op.team_id) }
             dt { "Attempts" } dd { (op.attempts) " of " (op.max_attempts) }
             dt { "Step" } dd { (op.step.as_deref().unwrap_or("—")) }
-            dt { "Error" } dd.error { (op.error_code.as_deref().unwrap_or("")) " " (op.last_error.as_deref().unwrap_or("")) }
+            dt { "Error" }
+            @if op.error_code.is_none() && op.last_error.is_none() { dd { "—" } } @else {
+                dd.error { (op.error_code.as_deref().unwrap_or("")) " " (op.last_error.as_deref().unwrap_or("")) }
+            }
         }
         h2 { "Timeline" }
         table #timeline {
@@ -331,10 +354,12 @@ pub(super) async fn queues(
     let content = html! {
         h1 { "Queues" }
         p.muted { "Stages now; throughput and failure rate over the last " (minutes) " minutes. \
-                   Dead jobs are failed operations: retry them from Operations." }
+                   Retrying: running a second or later attempt. Scheduled: backing off before \
+                   the next attempt, or committed and not yet pushed to Redis. \
+                   Dead: failed for good; retry them from Operations." }
         table #queues {
             thead { tr { th { "Kind" } th.num { "Queued" } th.num { "In flight" } th.num { "Retrying" }
-                th.num { "Scheduled (backing off)" } th.num { "Dead" } th.num { "Stream entries" }
+                th.num { "Scheduled" } th.num { "Dead" } th.num { "Stream entries" }
                 th.num { "Done / min" } th.num { "Failure rate" } } }
             tbody { @for f in &figures {
                 @let kind = f.kind.expect("one row per kind");
@@ -495,7 +520,7 @@ fn with_before(path: &str, q: &ListQuery, before: impl std::fmt::Display) -> Str
 pub(super) async fn live(
     State(state): State<AppState>,
     _operator: Operator,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, PageError> {
     let mut conn = state.pool.acquire().await?;
     let start = records::events_head(&mut conn).await?;
     drop(conn);

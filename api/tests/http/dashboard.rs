@@ -214,3 +214,73 @@ async fn an_action_without_the_sessions_csrf_token_changes_nothing() {
     let location = page.headers[header::LOCATION].to_str().unwrap();
     assert!(location.starts_with("/dashboard?notice="), "{location}");
 }
+
+#[tokio::test]
+async fn a_refused_page_is_html_with_the_code_and_the_reason() {
+    let app = TestApp::new().await;
+    let cookie = log_in(&app).await;
+    let unknown = "/dashboard/capsules/cap_0190f5a0c0de7000800000000000000a";
+    for (path, status, code) in [
+        (
+            "/dashboard/operations?id=op_nope",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (unknown, StatusCode::NOT_FOUND, "not_found"),
+    ] {
+        let page = send(&app, Method::GET, path, Some(&cookie), "").await;
+        assert_eq!(page.status, status, "{path}: {}", page.body);
+        assert!(
+            page.headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{path}"
+        );
+        assert!(page.body.contains(code), "{path}: {}", page.body);
+    }
+}
+
+/// The figures of one kind's row on the queues page, in column order.
+fn queue_row(body: &str, kind: &str) -> Vec<String> {
+    let start = body
+        .find(&format!("<tr data-kind=\"{kind}\">"))
+        .expect("a row per kind");
+    let row = &body[start..start + body[start..].find("</tr>").unwrap()];
+    row.split("<td class=\"num\">")
+        .skip(1)
+        .map(|cell| {
+            // The text without tags (the dead count is a link).
+            let mut inside = false;
+            cell[..cell.find("</td>").unwrap()]
+                .chars()
+                .filter(|c| {
+                    inside = (inside || *c == '<') && *c != '>';
+                    !inside && *c != '>'
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn queues_count_a_job_not_yet_pushed_as_scheduled() {
+    let app = TestApp::new().await;
+    let (_, key) = app.team("acme").await;
+    app.create_capsule(&key).await;
+    let cookie = log_in(&app).await;
+    let figures = |update: &'static str| {
+        let (app, cookie) = (&app, &cookie);
+        async move {
+            sqlx::query(update).execute(&app.env.pool).await.unwrap();
+            let page = send(app, Method::GET, "/dashboard/queues", Some(cookie), "").await;
+            assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+            queue_row(&page.body, "create")
+        }
+    };
+    // Columns: queued, in flight, retrying, scheduled, dead, …
+    let pushed = figures("update operations set pushed_at = now()").await;
+    assert_eq!(pushed[..5], ["1", "0", "0", "0", "0"], "{pushed:?}");
+    let unpushed = figures("update operations set pushed_at = null").await;
+    assert_eq!(unpushed[..5], ["0", "0", "0", "1", "0"], "{unpushed:?}");
+}

@@ -70,13 +70,14 @@ pub async fn end_session(conn: &mut PgConnection, token_hash: &[u8]) -> StoreRes
 #[derive(Debug, Clone, Default)]
 pub struct QueueFigures {
     pub kind: Option<OperationKind>,
-    /// Waiting for a worker.
+    /// On the queue, waiting for a worker.
     pub queued: i64,
     /// Running their first attempt.
     pub in_flight: i64,
     /// Running a second or later attempt.
     pub retrying: i64,
-    /// Backing off until their next attempt.
+    /// Not runnable yet: backing off until their next attempt, or committed but not yet
+    /// pushed to Redis (the reconciler pushes those).
     pub scheduled: i64,
     /// Failed for good (retry them from the dashboard).
     pub dead: i64,
@@ -95,6 +96,14 @@ pub async fn queue_figures(
                   attempts > 1 as "retry!", count(*) as "count!"
            from operations where status in ('queued', 'running', 'retrying', 'failed')
            group by 1, 2, 3"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    // Few rows, found through the reconciler's `operations_unpushed_idx` (migration 0003).
+    let unpushed = sqlx::query!(
+        r#"select kind as "kind: OperationKind", count(*) as "count!"
+           from operations where pushed_at is null and status = 'queued'
+           group by 1"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -126,6 +135,12 @@ pub async fn queue_figures(
             (OperationStatus::Retrying, _) => f.scheduled += row.count,
             (OperationStatus::Failed, _) => f.dead += row.count,
             _ => {}
+        }
+    }
+    for row in unpushed {
+        if let Some(f) = figures.iter_mut().find(|f| f.kind == Some(row.kind)) {
+            f.queued -= row.count;
+            f.scheduled += row.count;
         }
     }
     for row in recent {
